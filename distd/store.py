@@ -1,0 +1,156 @@
+"""The content-addressed chunk store, shared by every daemon and the seeder.
+
+Layout: `<data-dir>/chunks/<first two hex digits>/<digest>.<zst|raw>`, each file the
+chunk in its stored encoding. A chunk is verified before it is written, written
+to a temp file, fsynced and renamed, so a crash leaves a whole verified chunk or
+nothing; leftover temp files are swept when the store opens. Disk and hashing
+work runs in threads so the event loop never waits on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from manifests.chunking import verify_chunk
+from manifests.model import Encoding
+
+_SUFFIX = {Encoding.ZSTD: ".zst", Encoding.RAW: ".raw"}
+_BY_SUFFIX = {v: k for k, v in _SUFFIX.items()}
+_TMP_MARK = ".tmp-"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    digest: str
+    encoding: Encoding
+    stored_size: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_size_of(payload: bytes, encoding: Encoding) -> int:
+    """The raw size of a stored chunk (zstd frames carry it in their header)."""
+    if encoding is Encoding.RAW:
+        return len(payload)
+    return int(zstandard.frame_content_size(payload))
+
+
+class ChunkStore:
+    def __init__(self, data_dir: str | Path) -> None:
+        self.root = Path(data_dir) / "chunks"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, StoredChunk] = {}
+        self._bytes = 0
+        self.listeners: list[Callable[[StoredChunk], None]] = []
+        self.swept = self._load()
+
+    def _load(self) -> int:
+        """Index what is on disk and remove temp files left by a crash; returns temps swept."""
+        swept = 0
+        for sub in self.root.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                name = f.name
+                if _TMP_MARK in name:
+                    f.unlink(missing_ok=True)
+                    swept += 1
+                    continue
+                digest, dot, suffix = name.partition(".")
+                enc = _BY_SUFFIX.get("." + suffix) if dot else None
+                if enc is None or len(digest) != 64:
+                    continue
+                self._add(StoredChunk(digest, enc, f.stat().st_size))
+        return swept
+
+    def _add(self, info: StoredChunk) -> None:
+        old = self._index.get(info.digest)
+        if old is not None:
+            self._bytes -= old.stored_size
+        self._index[info.digest] = info
+        self._bytes += info.stored_size
+
+    def path(self, digest: str, encoding: Encoding) -> Path:
+        return self.root / digest[:2] / (digest + _SUFFIX[encoding])
+
+    def has(self, digest: str) -> bool:
+        return digest in self._index
+
+    def info(self, digest: str) -> StoredChunk | None:
+        return self._index.get(digest)
+
+    def digests(self) -> Iterator[str]:
+        return iter(list(self._index))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._bytes
+
+    def _write(self, digest: str, payload: bytes, encoding: Encoding, size: int) -> StoredChunk:
+        verify_chunk(digest, payload, encoding, size)
+        final = self.path(digest, encoding)
+        final.parent.mkdir(exist_ok=True)
+        tmp = final.with_name(f"{digest}{_TMP_MARK}{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        return StoredChunk(digest, encoding, len(payload))
+
+    async def put(self, digest: str, payload: bytes, encoding: Encoding | str, size: int) -> bool:
+        """Verify and store; False if already held. Raises ChunkError on a content mismatch."""
+        if digest in self._index:
+            return False
+        info = await asyncio.to_thread(self._write, digest, payload, Encoding(encoding), size)
+        if digest in self._index:
+            return False
+        self._add(info)
+        for cb in self.listeners:
+            cb(info)
+        return True
+
+    def _read(self, info: StoredChunk) -> bytes:
+        return self.path(info.digest, info.encoding).read_bytes()
+
+    async def get(self, digest: str) -> tuple[StoredChunk, bytes]:
+        """The chunk in its stored encoding; KeyError if not held."""
+        info = self._index[digest]
+        return info, await asyncio.to_thread(self._read, info)
+
+    def read_verified(self, digest: str, size: int) -> bytes:
+        """Raw bytes, re-verified against the digest (blocking: call from a thread)."""
+        info = self._index[digest]
+        return verify_chunk(digest, self._read(info), info.encoding, size)
+
+    async def delete(self, digest: str) -> None:
+        info = self._index.pop(digest, None)
+        if info is None:
+            return
+        self._bytes -= info.stored_size
+        await asyncio.to_thread(self.path(digest, info.encoding).unlink, True)

@@ -1,0 +1,96 @@
+"""Cutting bytes into chunks, and the chunk codec (zstd or raw) with its verification.
+
+Every receiver goes through `decode_chunk`: it bounds the output to the declared
+size before decompressing (a hostile frame cannot make us allocate more) and
+checks the SHA-256 of the raw bytes, the project's trust anchor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+
+import zstandard
+
+from manifests.model import Encoding
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_ZSTD_LEVEL = 3
+
+
+class ChunkError(ValueError):
+    """Chunk bytes that do not decode or do not match their digest."""
+
+
+def split(data: bytes, chunk_size: int) -> Iterator[bytes]:
+    """Fixed-size pieces of `data`; the last may be shorter; none for empty input."""
+    if chunk_size < 1:
+        raise ValueError("chunk size must be positive")
+    view = memoryview(data)
+    for off in range(0, len(data), chunk_size):
+        yield bytes(view[off : off + chunk_size])
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # ZstdCompressor objects are not safe to share between threads: one per thread and level.
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def encode_chunk(raw: bytes, level: int = DEFAULT_ZSTD_LEVEL) -> tuple[Encoding, bytes]:
+    """zstd when it saves at least 1/16 of the size, raw otherwise."""
+    packed: bytes = _compressor(level).compress(raw)
+    if len(packed) <= len(raw) - len(raw) // 16 and len(packed) < len(raw):
+        return Encoding.ZSTD, packed
+    return Encoding.RAW, raw
+
+
+def decode_chunk(payload: bytes, encoding: Encoding | str, size: int) -> bytes:
+    """Raw bytes of a stored chunk, refusing anything that is not exactly `size` bytes."""
+    enc = Encoding(encoding)
+    if enc is Encoding.RAW:
+        if len(payload) != size:
+            raise ChunkError(f"raw chunk is {len(payload)} bytes, expected {size}")
+        return payload
+    try:
+        declared = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as e:
+        raise ChunkError(f"chunk is not a zstd frame: {e}") from None
+    if declared != size:
+        raise ChunkError(f"zstd frame declares {declared} bytes, expected {size}")
+    try:
+        raw: bytes = _decompressor().decompress(payload, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise ChunkError(f"chunk does not decompress: {e}") from None
+    if len(raw) != size:
+        raise ChunkError(f"chunk decompressed to {len(raw)} bytes, expected {size}")
+    return raw
+
+
+def verify_chunk(digest: str, payload: bytes, encoding: Encoding | str, size: int) -> bytes:
+    """Decode and check the SHA-256; return the raw bytes or raise `ChunkError`."""
+    raw = decode_chunk(payload, encoding, size)
+    actual = sha256_hex(raw)
+    if actual != digest:
+        raise ChunkError(f"chunk {digest[:16]} has SHA-256 {actual[:16]}: content mismatch")
+    return raw
