@@ -1,0 +1,289 @@
+"""Property tests for the pure content model: chunking, the codec, encoding, validation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from manifests.chunking import ChunkError, decode_chunk, encode_chunk, split, verify_chunk
+from manifests.model import Chunk, Encoding, Entry, Kind, Manifest, ManifestError
+from manifests.scan import scan_tree
+from manifests.validate import MAX_NAME_BYTES, decode_manifest, validate_path
+
+# --- chunking and the chunk codec -------------------------------------------------------
+
+
+@given(st.binary(max_size=5000), st.integers(min_value=1, max_value=700))
+def test_split_then_join_is_identity(data: bytes, chunk_size: int) -> None:
+    pieces = list(split(data, chunk_size))
+    assert b"".join(pieces) == data
+    assert len(pieces) == -(-len(data) // chunk_size)
+    assert all(len(p) == chunk_size for p in pieces[:-1])
+    assert all(0 < len(p) <= chunk_size for p in pieces)
+
+
+@given(st.one_of(st.binary(min_size=1, max_size=20000), st.text(min_size=1).map(str.encode)))
+def test_encode_decode_chunk_round_trip(raw: bytes) -> None:
+    enc, payload = encode_chunk(raw)
+    if enc is Encoding.ZSTD:
+        assert len(payload) <= len(raw) - len(raw) // 16
+    else:
+        assert payload == raw
+    digest = hashlib.sha256(raw).hexdigest()
+    assert verify_chunk(digest, payload, enc, len(raw)) == raw
+
+
+def test_compressible_chunk_is_zstd_and_random_chunk_is_raw() -> None:
+    assert encode_chunk(b"abc" * 10000)[0] is Encoding.ZSTD
+    assert encode_chunk(os.urandom(100000))[0] is Encoding.RAW
+
+
+@given(st.binary(min_size=64, max_size=4096), st.data())
+def test_any_flipped_byte_is_rejected(raw: bytes, data: st.DataObject) -> None:
+    enc, payload = encode_chunk(raw)
+    i = data.draw(st.integers(0, len(payload) - 1))
+    bad = bytearray(payload)
+    bad[i] ^= 1 + data.draw(st.integers(0, 254))
+    with pytest.raises(ChunkError):
+        verify_chunk(hashlib.sha256(raw).hexdigest(), bytes(bad), enc, len(raw))
+
+
+def test_zstd_frame_claiming_wrong_size_is_refused_before_decompressing() -> None:
+    enc, payload = encode_chunk(b"x" * 100000)
+    assert enc is Encoding.ZSTD
+    with pytest.raises(ChunkError, match="declares 100000 bytes, expected 10"):
+        decode_chunk(payload, enc, 10)
+    with pytest.raises(ChunkError, match="not a zstd frame"):
+        decode_chunk(b"garbage-garbage", Encoding.ZSTD, 10)
+
+
+# --- paths ------------------------------------------------------------------------------
+
+_component = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1
+).filter(lambda s: s not in (".", "..") and len(s.encode()) <= MAX_NAME_BYTES)
+legal_paths = st.lists(_component, min_size=1, max_size=6).map("/".join)
+
+
+@given(legal_paths)
+def test_every_legal_path_is_accepted(path: str) -> None:
+    assert validate_path(path) == path
+
+
+@given(st.lists(_component, max_size=4), st.lists(_component, max_size=4), st.data())
+def test_every_escaping_path_is_rejected(
+    before: list[str], after: list[str], data: st.DataObject
+) -> None:
+    bad = data.draw(st.sampled_from(["..", ".", ""]))
+    path = "/".join([*before, bad, *after])
+    with pytest.raises(ManifestError):
+        validate_path(path)
+    with pytest.raises(ManifestError, match="absolute"):
+        validate_path("/" + "/".join([*before, "x"]))
+
+
+@pytest.mark.parametrize(
+    ("path", "rule"),
+    [
+        ("a/../b", "'..' component"),
+        ("..", "'..' component"),
+        ("/etc/passwd", "absolute"),
+        ("a//b", "empty component"),
+        ("a/", "empty component"),
+        ("./a", "'.' component"),
+        ("a\0b", "NUL"),
+        ("", "empty"),
+        ("a\udcffb", "UTF-8"),
+        ("x" * 256, "over 255 bytes"),
+    ],
+)
+def test_path_rejections_name_the_rule(path: str, rule: str) -> None:
+    with pytest.raises(ManifestError, match=rule.replace(".", r"\.")):
+        validate_path(path)
+
+
+# --- manifests ----------------------------------------------------------------------------
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> Manifest:
+    """Random valid manifests: a tree of dirs, files sharing chunks, and symlinks."""
+    chunk_size = draw(st.integers(1, 64))
+    blobs = draw(st.lists(st.binary(min_size=1, max_size=chunk_size), min_size=1, max_size=8))
+    table: dict[str, Chunk] = {}
+    for b in blobs:
+        enc = draw(st.sampled_from(list(Encoding)))
+        stored = len(b) if enc is Encoding.RAW or len(b) < 2 else draw(st.integers(1, len(b) - 1))
+        table[_digest(b)] = Chunk(_digest(b), len(b), stored, enc if len(b) > 1 else Encoding.RAW)
+    digests = sorted(table)
+    names = draw(st.lists(_component, min_size=1, max_size=12, unique=True))
+    entries: list[Entry] = []
+    dirs = [""]
+    used: set[str] = set()
+    for name in names:
+        parent = draw(st.sampled_from(dirs))
+        path = f"{parent}/{name}" if parent else name
+        if any(e.path == path for e in entries):
+            continue
+        kind = draw(st.sampled_from(list(Kind)))
+        mode = draw(st.integers(0, 0o7777))
+        if kind is Kind.DIR:
+            entries.append(Entry(path, kind, mode))
+            dirs.append(path)
+        elif kind is Kind.SYMLINK:
+            target = draw(st.text(st.characters(blacklist_characters="\0"), min_size=1))
+            entries.append(Entry(path, kind, mode, target=target))
+        else:
+            chunks = tuple(draw(st.lists(st.sampled_from(digests), max_size=4)))
+            used.update(chunks)
+            size = sum(table[d].size for d in chunks)
+            sha = _digest(path.encode())
+            entries.append(Entry(path, kind, mode, size=size, sha256=sha, chunks=chunks))
+    return Manifest.build(entries, {d: table[d] for d in used}, chunk_size)
+
+
+@given(manifests())
+def test_decode_of_encode_is_identity(m: Manifest) -> None:
+    data = m.encode()
+    assert decode_manifest(data) == m
+    assert decode_manifest(data).encode() == data
+
+
+@given(manifests(), st.randoms(use_true_random=False))
+def test_digest_is_stable_under_listing_order(m: Manifest, rnd: random.Random) -> None:
+    entries = list(m.entries)
+    rnd.shuffle(entries)
+    chunks = list(m.chunks)
+    rnd.shuffle(chunks)
+    again = Manifest.build(entries, {c.digest: c for c in chunks}, m.chunk_size)
+    assert again.digest == m.digest
+
+
+@given(st.binary(max_size=2000))
+def test_garbage_bytes_only_ever_raise_manifest_error(data: bytes) -> None:
+    with pytest.raises(ManifestError):
+        decode_manifest(data)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(manifests(), st.data())
+def test_mutated_manifest_is_valid_or_rejected_cleanly(m: Manifest, data: st.DataObject) -> None:
+    raw = bytearray(m.encode())
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        survivor = decode_manifest(bytes(raw))
+    except ManifestError:
+        return
+    assert decode_manifest(survivor.encode()) == survivor
+
+
+def _doc(entries: list[list[object]], chunks: list[list[object]], chunk_size: int = 8) -> bytes:
+    out: bytes = msgpack.packb(["p2pdist-manifest", 1, chunk_size, entries, chunks])
+    return out
+
+
+_C = hashlib.sha256(b"abcd").digest()
+
+
+@pytest.mark.parametrize(
+    ("entries", "rule"),
+    [
+        ([["a", "symlink", 0o777, "/etc"], ["a/x", "file", 0o644, 4, _C, [_C]]], "beneath symlink"),
+        ([["a/x", "file", 0o644, 4, _C, [_C]]], "no parent directory entry 'a'"),
+        ([["a", "dir", 0o755], ["a", "dir", 0o755]], "appears twice"),
+        ([["b", "dir", 0o755], ["a", "dir", 0o755]], "out of canonical"),
+        ([["f", "file", 0o644, 5, _C, [_C]]], "size 5 != 4"),
+        ([["../x", "dir", 0o755]], "'..' component"),
+        ([["/x", "dir", 0o755]], "absolute"),
+        ([["f", "file", 0o644, 4, _C, [_C]], ["f/x", "dir", 0o755]], "non-directory"),
+        ([["d", "dir", 0o17777]], "mode must be"),
+        ([["d", "fifo", 0o644]], "unknown kind"),
+        ([["f", "file", 0o644, 4, b"short", [_C]]], "32-byte"),
+    ],
+)
+def test_hostile_manifests_are_refused_with_the_rule(
+    entries: list[list[object]], rule: str
+) -> None:
+    uses_chunk = any(len(e) == 6 for e in entries)
+    chunks = [[_C, 4, 4, "raw"]] if uses_chunk else []
+    with pytest.raises(ManifestError, match=rule.replace("(", r"\(")) as info:
+        decode_manifest(_doc(entries, chunks))
+    assert "\n" not in str(info.value)
+
+
+def test_chunk_table_rules() -> None:
+    f = ["f", "file", 0o644, 4, _C, [_C]]
+    with pytest.raises(ManifestError, match="not in the chunk table"):
+        decode_manifest(_doc([f], []))
+    other = hashlib.sha256(b"zz").digest()
+    with pytest.raises(ManifestError, match="no file uses it"):
+        decode_manifest(_doc([f], sorted([[_C, 4, 4, "raw"], [other, 2, 2, "raw"]])))
+    with pytest.raises(ManifestError, match="raw but its stored size"):
+        decode_manifest(_doc([f], [[_C, 4, 3, "raw"]]))
+    with pytest.raises(ManifestError, match="size must be an integer in"):
+        decode_manifest(_doc([f], [[_C, 9, 9, "raw"]], chunk_size=8))
+
+
+# --- scanning real trees -----------------------------------------------------------------
+
+
+def _make_tree(root: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    for d in range(4):
+        sub = root / f"dir{d}" / "nested"
+        sub.mkdir(parents=True)
+        for i in range(5):
+            (sub / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(0, 300)))
+    (root / "same1").write_bytes(b"z" * 1000)
+    (root / "same2").write_bytes(b"z" * 1000)
+    (root / "link").symlink_to("dir0/nested/f0")
+    (root / "empty").mkdir()
+
+
+def test_same_tree_in_different_places_scans_to_the_same_digest(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    _make_tree(a, 7)
+    _make_tree(b, 7)
+
+    def digest(root: Path, workers: int) -> str:
+        r = scan_tree(root, 64, workers=workers)
+        table = {d: Chunk(d, s.size, s.size, Encoding.RAW) for d, s in r.sources.items()}
+        return Manifest.build(r.entries, table, r.chunk_size).digest
+
+    assert digest(a, 1) == digest(b, 4)
+
+
+def test_scan_shares_identical_chunks_and_refuses_special_files(tmp_path: Path) -> None:
+    _make_tree(tmp_path, 1)
+    r = scan_tree(tmp_path, 100)
+    same = [e for e in r.entries if e.path.startswith("same")]
+    assert same[0].chunks == same[1].chunks
+    assert r.chunk_refs > len(r.sources)
+    os.mkfifo(tmp_path / "dir1" / "pipe")
+    with pytest.raises(ManifestError, match=r"dir1/pipe' is a fifo"):
+        scan_tree(tmp_path, 100)
+
+
+def test_scan_file_sha_is_whole_file_sha(tmp_path: Path) -> None:
+    data = os.urandom(1000)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "g").write_bytes(data[:50])
+    r = scan_tree(tmp_path, 64)
+    by_path = {e.path: e for e in r.entries}
+    assert by_path["f"].sha256 == _digest(data)
+    assert len(by_path["f"].chunks) == 16
+    assert by_path["g"].sha256 == _digest(data[:50]) == by_path["g"].chunks[0]

@@ -1,0 +1,90 @@
+"""The chunk store on a real filesystem: verification, atomicity, restart, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from distd.store import ChunkStore
+from manifests.chunking import ChunkError, encode_chunk
+from manifests.model import Encoding
+
+
+def _chunk(data: bytes) -> tuple[str, Encoding, bytes]:
+    enc, payload = encode_chunk(data)
+    return hashlib.sha256(data).hexdigest(), enc, payload
+
+
+async def test_put_get_and_reopen(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    text = b"hello world " * 1000
+    d1, e1, p1 = _chunk(text)
+    d2, e2, p2 = _chunk(os.urandom(5000))
+    assert e1 is Encoding.ZSTD and e2 is Encoding.RAW
+    assert await store.put(d1, p1, e1, len(text))
+    assert await store.put(d2, p2, e2, 5000)
+    assert not await store.put(d1, p1, e1, len(text))
+    info, payload = await store.get(d1)
+    assert (info.encoding, payload) == (Encoding.ZSTD, p1)
+    assert store.total_bytes == len(p1) + len(p2)
+    assert store.read_verified(d1, len(text)) == text
+
+    again = ChunkStore(tmp_path)
+    assert set(again.digests()) == {d1, d2}
+    assert again.total_bytes == store.total_bytes
+    assert again.info(d2) == store.info(d2)
+
+
+async def test_corrupt_chunk_is_rejected_and_nothing_is_written(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    d, enc, payload = _chunk(os.urandom(4096))
+    bad = bytearray(payload)
+    bad[100] ^= 0xFF
+    with pytest.raises(ChunkError, match="content mismatch"):
+        await store.put(d, bytes(bad), enc, 4096)
+    with pytest.raises(ChunkError):
+        await store.put(d, payload[:-1], enc, 4096)
+    assert not store.has(d)
+    assert [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()] == []
+
+
+async def test_concurrent_writers_of_the_same_chunk(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    data = os.urandom(1 << 20)
+    d, enc, payload = _chunk(data)
+    results = await asyncio.gather(*(store.put(d, payload, enc, len(data)) for _ in range(8)))
+    assert results.count(True) == 1
+    files = [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].read_bytes() == payload
+    assert store.total_bytes == len(payload)
+
+
+async def test_temp_files_from_a_crash_are_swept_at_open(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    d, enc, payload = _chunk(b"abc" * 999)
+    await store.put(d, payload, enc, 2997)
+    leftover = store.path(d, enc).with_name(d + ".tmp-deadbeef")
+    leftover.write_bytes(payload[:10])
+    reopened = ChunkStore(tmp_path)
+    assert reopened.swept == 1
+    assert not leftover.exists()
+    assert reopened.has(d)
+
+
+async def test_delete_and_listener(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    seen: list[str] = []
+    store.listeners.append(lambda info: seen.append(info.digest))
+    d, enc, payload = _chunk(os.urandom(100))
+    await store.put(d, payload, enc, 100)
+    await store.put(d, payload, enc, 100)
+    assert seen == [d]
+    await store.delete(d)
+    assert not store.has(d) and store.total_bytes == 0
+    assert not store.path(d, enc).exists()
+    with pytest.raises(KeyError):
+        await store.get(d)
