@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from io import RawIOBase
 from pathlib import Path
 
 from manifests.chunking import sha256_hex
@@ -89,28 +91,62 @@ def _walk(root: str) -> tuple[list[Entry], list[tuple[str, str, int, int]]]:
     return entries, files
 
 
+def _fill(f: RawIOBase, buf: bytearray) -> int:
+    """Read until `buf` is full or the file ends (chunk boundaries must not move)."""
+    got = 0
+    with memoryview(buf) as view:
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    return got
+
+
 def scan_tree(
     root: str | Path,
     chunk_size: int,
     workers: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> ScanResult:
-    """Hash every file under `root` into entries and the location of each unique chunk."""
+    """Hash every file under `root` into entries and the location of each unique chunk.
+
+    `on_total` hears the byte count to hash once the walk is done (for a progress bar),
+    `on_bytes` each piece as it is read.
+    """
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise ManifestError(f"{root!r} is not a directory")
     entries, files = _walk(root)
+    if on_total is not None:
+        on_total(sum(f[3] for f in files))
     workers = workers or os.cpu_count() or 1
     sources: dict[str, ChunkSource] = {}
     lock = threading.Lock()
-    # Bound chunks held in memory across all files: each one is up to chunk_size bytes.
+    # Bound chunks held in memory across all files (each up to chunk_size bytes), and
+    # reuse their buffers: a fresh 4 MiB buffer per read costs page faults (kernel time)
+    # comparable to the read itself.
     in_flight = threading.BoundedSemaphore(workers * 2)
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
 
-    def hash_chunk(buf: bytes) -> str:
+    def take_buffer() -> bytearray:
+        in_flight.acquire()
         try:
-            return sha256_hex(buf)
+            return free.get_nowait()
+        except queue.Empty:
+            return bytearray(chunk_size)
+
+    def give_back(buf: bytearray) -> None:
+        free.put(buf)
+        in_flight.release()
+
+    def hash_chunk(buf: bytearray, n: int) -> str:
+        try:
+            with memoryview(buf) as view:
+                return sha256_hex(view[:n])
         finally:
-            in_flight.release()
+            give_back(buf)
 
     with (
         ThreadPoolExecutor(workers, thread_name_prefix="hash-chunk") as chunk_pool,
@@ -125,17 +161,18 @@ def scan_tree(
             size = 0
             with open(full, "rb", buffering=0) as f:
                 while True:
-                    in_flight.acquire()
-                    buf = f.read(chunk_size)
-                    if not buf:
-                        in_flight.release()
+                    buf = take_buffer()
+                    n = _fill(f, buf)
+                    if not n:
+                        give_back(buf)
                         break
                     if not single:
-                        file_hash.update(buf)
-                    pending.append((size, len(buf), chunk_pool.submit(hash_chunk, buf)))
-                    size += len(buf)
+                        with memoryview(buf) as view:
+                            file_hash.update(view[:n])
+                    pending.append((size, n, chunk_pool.submit(hash_chunk, buf, n)))
+                    size += n
                     if on_bytes is not None:
-                        on_bytes(len(buf))
+                        on_bytes(n)
             if size != expected or (single and len(pending) > 1):
                 raise ManifestError(f"{full!r} changed while it was being read")
             digests = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 _SIZE_UNITS = {
     "": 1,
@@ -29,7 +30,12 @@ _BIT_UNITS = {
     "mibit": 1 << 20,
     "gibit": 1 << 30,
 }
-_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*?)(?:/s|ps)?\s*$")
+_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*?)(/s|ps)?\s*$")
+
+
+def _scale(number: str, multiplier: int) -> int:
+    """Exact decimal arithmetic: a plain byte count above 2**53 must not be float-rounded."""
+    return int(Decimal(number) * multiplier)
 
 
 def parse_size(text: str) -> int:
@@ -38,18 +44,23 @@ def parse_size(text: str) -> int:
     unit = m.group(2).lower() if m else ""
     if m is None or unit not in _SIZE_UNITS:
         raise ValueError(f"not a size: {text!r} (try 4MiB, 512KiB, 1GB or a plain byte count)")
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    return _scale(m.group(1), _SIZE_UNITS[unit])
 
 
 def parse_rate(text: str) -> int:
-    """Bytes per second from '20MiB', '160Mbit', '1048576' (per second implied)."""
+    """Bytes per second from '20MiB', '160Mbit', '1048576' (per second implied).
+
+    '160Mbps' is megaBITs per second, as on every network spec sheet ('160MBps' is bytes).
+    """
     m = _PATTERN.match(text)
     if m is not None:
         unit = m.group(2).lower()
+        if m.group(3) == "ps" and m.group(2).endswith("b"):
+            unit = unit[:-1] + "bit"
         if unit in _BIT_UNITS:
-            return int(float(m.group(1)) * _BIT_UNITS[unit] / 8)
+            return _scale(m.group(1), _BIT_UNITS[unit]) // 8
         if unit in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+            return _scale(m.group(1), _SIZE_UNITS[unit])
     raise ValueError(f"not a rate: {text!r} (try 20MiB, 160Mbit or a plain bytes-per-second count)")
 
 
