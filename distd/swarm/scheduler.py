@@ -1,0 +1,245 @@
+"""The download scheduler for one image: plain state, events in, requests out.
+
+The driver (daemon, simulator or test) reports what happens -- a neighbour joined,
+announced a chunk, answered a request, failed -- and asks `next_requests(now)` what
+to send. The scheduler never sleeps or reads a clock; `next_wakeup(now)` says when
+a backoff or deadline ends so the driver can sleep exactly that long.
+
+Policy in brief: fill every non-seeder neighbour's request slots with the rarest
+chunks it holds; ask a seeder only for chunks no usable neighbour holds; once every
+missing chunk is already requested (endgame), duplicate the requests that run late
+on other peers and cancel the losers when one answer lands.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from distd.swarm import bitfield
+from distd.swarm.peers import Failure, PeerState, Penalties, preference
+from distd.swarm.picker import Picker, RarestFirst
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    peer_id: str
+    index: int
+    sent: float
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    per_peer_inflight: int = 2
+    per_seeder_inflight: int = 2
+    max_inflight: int = 16
+    endgame_duplicates: int = 2
+    # In endgame, a request is duplicated only once it has run this many times longer
+    # than its peer's measured rate predicts (or endgame_wait when unmeasured): hedging
+    # a straggler, not spending a second peer's upload on every last chunk.
+    endgame_slack: float = 1.5
+    endgame_wait: float = 1.0
+    timeout_base: float = 5.0
+    timeout_min_rate: float = 512 * 1024  # bytes/s below which a transfer counts as stalled
+    my_zone: str = ""
+    penalties: Penalties = field(default_factory=Penalties)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        have: Iterable[int] = (),
+        *,
+        config: SchedulerConfig | None = None,
+        picker: Picker | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sizes = list(sizes)
+        self.n = len(self.sizes)
+        self.all = bitfield.full(self.n)
+        self.have = bitfield.from_indexes(have)
+        self.config = config or SchedulerConfig()
+        self.picker: Picker = picker or RarestFirst()
+        self.rng = rng or random.Random()
+        self.peers: dict[str, PeerState] = {}
+        self.availability = [0] * self.n  # non-seeder neighbours holding each chunk
+        self.pending: dict[int, dict[str, Request]] = {}
+        self.pending_bits = 0
+        self.inflight = 0
+
+    # --- state ------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.have == self.all
+
+    @property
+    def missing(self) -> int:
+        return self.all & ~self.have
+
+    @property
+    def held(self) -> int:
+        return self.have.bit_count()
+
+    def in_endgame(self) -> bool:
+        return not self.complete and self.missing & ~self.pending_bits == 0
+
+    # --- events -----------------------------------------------------------------------
+
+    def add_peer(
+        self, peer_id: str, *, zone: str = "", is_seeder: bool = False, have: int = 0
+    ) -> None:
+        """A neighbour joined (or re-sent its whole bitfield)."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            peer = self.peers[peer_id] = PeerState(peer_id, zone, is_seeder)
+        self._set_have(peer, have & self.all)
+
+    def remove_peer(self, peer_id: str) -> list[Request]:
+        """A neighbour left; its outstanding requests are returned for the driver to cancel."""
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            return []
+        self._set_have(peer, 0)
+        return [self._drop(peer_id, i) for i in list(peer.inflight)]
+
+    def peer_has(self, peer_id: str, index: int) -> None:
+        peer = self.peers.get(peer_id)
+        if peer is not None and 0 <= index < self.n:
+            self._set_have(peer, peer.have | (1 << index))
+
+    def mark_have(self, index: int) -> list[Request]:
+        """We hold chunk `index` (from any source): requests still out for it are returned."""
+        self.have |= 1 << index
+        return [self._drop(pid, index) for pid in list(self.pending.get(index, {}))]
+
+    def on_received(self, peer_id: str, index: int, now: float) -> list[Request]:
+        """A verified chunk arrived; returns the duplicate requests to cancel (endgame)."""
+        if peer_id in self.pending.get(index, {}):
+            req = self._drop(peer_id, index)
+            peer = self.peers.get(peer_id)
+            if peer is not None:
+                peer.record_success(self.sizes[index], now - req.sent)
+        return self.mark_have(index)
+
+    def on_failed(self, peer_id: str, index: int, reason: Failure, now: float) -> None:
+        if peer_id in self.pending.get(index, {}):
+            self._drop(peer_id, index)
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return
+        if reason is Failure.MISSING:
+            self._set_have(peer, peer.have & ~(1 << index))
+        peer.record_failure(reason, now, self.config.penalties, self.rng)
+
+    def expire(self, now: float) -> list[Request]:
+        """Requests past their deadline: counted as timeouts and returned for cancelling."""
+        late = [r for reqs in self.pending.values() for r in reqs.values() if r.deadline <= now]
+        for r in late:
+            self.on_failed(r.peer_id, r.index, Failure.TIMEOUT, now)
+        return late
+
+    # --- decisions --------------------------------------------------------------------
+
+    def next_requests(self, now: float) -> list[Request]:
+        """Requests to send now, filling free slots of the best usable peers."""
+        if self.complete:
+            return []
+        cfg = self.config
+        usable = [p for p in self.peers.values() if p.usable(now) and p.have & self.missing]
+        usable.sort(key=lambda p: preference(p, cfg.my_zone))
+        out: list[Request] = []
+        reachable = 0
+        for p in usable:
+            if not p.is_seeder:
+                reachable |= p.have
+                self._fill(p, p.have & self.missing & ~self.pending_bits, now, out)
+        for p in usable:
+            if p.is_seeder:
+                self._fill(p, p.have & self.missing & ~self.pending_bits & ~reachable, now, out)
+        if self.in_endgame():
+            late = self._late(now)
+            for p in usable:
+                self._fill(p, late & p.have & ~bitfield.from_indexes(p.inflight), now, out)
+                late = self._late(now)
+        return out
+
+    def _hedge_at(self, index: int) -> float:
+        """When the requests for `index` count as late enough to duplicate."""
+        cfg = self.config
+        at = []
+        for r in self.pending[index].values():
+            peer = self.peers.get(r.peer_id)
+            rate = peer.rate if peer is not None else 0.0
+            expected = cfg.endgame_slack * self.sizes[index] / rate if rate > 0 else 0.0
+            at.append(r.sent + max(cfg.endgame_wait, expected))
+        return min(at)
+
+    def _late(self, now: float) -> int:
+        limit = self.config.endgame_duplicates
+        late = 0
+        for i, reqs in self.pending.items():
+            if len(reqs) < limit and self._hedge_at(i) <= now:
+                late |= 1 << i
+        return late
+
+    def next_wakeup(self, now: float) -> float | None:
+        """The earliest future moment something changes without an event: a deadline, a
+        backoff ending, a request turning late enough to hedge."""
+        times = [r.deadline for reqs in self.pending.values() for r in reqs.values()]
+        if self.in_endgame():
+            limit = self.config.endgame_duplicates
+            times += [self._hedge_at(i) for i, reqs in self.pending.items() if len(reqs) < limit]
+        times += [
+            max(p.blocked_until, p.banned_until)
+            for p in self.peers.values()
+            if not p.usable(now) and p.have & self.missing
+        ]
+        future = [t for t in times if t > now]
+        return min(future) if future else None
+
+    # --- internals --------------------------------------------------------------------
+
+    def _slots(self, peer: PeerState) -> int:
+        cfg = self.config
+        per_peer = cfg.per_seeder_inflight if peer.is_seeder else cfg.per_peer_inflight
+        return min(per_peer - len(peer.inflight), cfg.max_inflight - self.inflight)
+
+    def _fill(self, peer: PeerState, candidates: int, now: float, out: list[Request]) -> None:
+        while candidates and self._slots(peer) > 0:
+            i = self.picker.pick(candidates, self.availability, self.held, self.rng)
+            candidates &= ~(1 << i)
+            out.append(self._issue(peer, i, now))
+
+    def _issue(self, peer: PeerState, index: int, now: float) -> Request:
+        cfg = self.config
+        timeout = cfg.timeout_base + self.sizes[index] / cfg.timeout_min_rate
+        req = Request(peer.peer_id, index, now, now + timeout)
+        self.pending.setdefault(index, {})[peer.peer_id] = req
+        self.pending_bits |= 1 << index
+        peer.inflight.add(index)
+        self.inflight += 1
+        return req
+
+    def _drop(self, peer_id: str, index: int) -> Request:
+        reqs = self.pending[index]
+        req = reqs.pop(peer_id)
+        if not reqs:
+            del self.pending[index]
+            self.pending_bits &= ~(1 << index)
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            peer.inflight.discard(index)
+        self.inflight -= 1
+        return req
+
+    def _set_have(self, peer: PeerState, have: int) -> None:
+        if not peer.is_seeder:
+            for i in bitfield.iter_set(have & ~peer.have):
+                self.availability[i] += 1
+            for i in bitfield.iter_set(peer.have & ~have):
+                self.availability[i] -= 1
+        peer.have = have
