@@ -1,0 +1,211 @@
+"""Small aiohttp helpers shared by the seeder and the distd peer server.
+
+They make every listener speak the same way: msgpack to machines and JSON to
+people, one-line `{"error": ...}` bodies for every failure, constant-time token
+checks, bounded request bodies, rate-paced downloads and a clean stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from distd.ratelimit import TokenBucket
+from manifests import wire
+from manifests.chunking import ChunkError
+from manifests.model import ManifestError
+
+log = logging.getLogger(__name__)
+
+SLICE_SIZE = 64 << 10
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An expected failure with its HTTP status; `extra` joins the `{"error": ...}` body."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+def wants_msgpack(request: web.Request) -> bool:
+    return wire.MSGPACK in request.headers.get("Accept", "")
+
+
+def respond(
+    request: web.Request,
+    obj: Any,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """msgpack if the client asked for it (machines), JSON otherwise (people and curl)."""
+    if wants_msgpack(request):
+        body, ctype = wire.pack(obj), wire.MSGPACK
+    else:
+        body, ctype = json.dumps(obj, ensure_ascii=False).encode(), wire.JSON
+    return web.Response(body=body, status=status, content_type=ctype, headers=headers)
+
+
+async def read_body(request: web.Request, limit: int = wire.MAX_REQUEST_BODY) -> bytes:
+    """The whole request body, refused with 413 as soon as it is known to exceed `limit`."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise ApiError(413, f"request body of {declared} bytes is over the {limit}-byte limit")
+    buf = bytearray()
+    async for piece in request.content.iter_chunked(SLICE_SIZE):
+        buf += piece
+        if len(buf) > limit:
+            raise ApiError(413, f"request body is over the {limit}-byte limit")
+    return bytes(buf)
+
+
+async def read_obj(request: web.Request, limit: int = wire.MAX_REQUEST_BODY) -> dict[str, Any]:
+    """A msgpack or JSON map from the body (by Content-Type); anything malformed is a 400."""
+    data = await read_body(request, limit)
+    if request.content_type == wire.MSGPACK:
+        obj = wire.unpack(data, limit)
+    else:
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "request body must be a map")
+    return obj
+
+
+def require_bearer(request: web.Request, token: str) -> None:
+    """401 unless the request carries `Authorization: Bearer <token>`, compared in constant time."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    ok = (
+        bool(token)
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(given.strip().encode(), token.encode())
+    )
+    if not ok:
+        raise ApiError(401, "missing or wrong token")
+
+
+async def send_bytes(
+    request: web.Request,
+    data: bytes,
+    *,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = "application/octet-stream",
+    bucket: TokenBucket | None = None,
+    slice_size: int = SLICE_SIZE,
+) -> web.StreamResponse:
+    """Stream `data`, each slice paying `bucket` first so the listener's egress cap holds."""
+    resp = web.StreamResponse(headers=headers)
+    resp.content_type = content_type
+    resp.content_length = len(data)
+    await resp.prepare(request)
+    if bucket is None or bucket.unlimited:
+        await resp.write(data)
+    else:
+        view = memoryview(data)
+        for off in range(0, len(data), slice_size):
+            piece = view[off : off + slice_size]
+            await bucket.consume(len(piece))
+            await resp.write(piece)
+    await resp.write_eof()
+    return resp
+
+
+def _error(
+    request: web.Request,
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    line = message.strip().splitlines()[0] if message.strip() else f"HTTP {status}"
+    return respond(request, {"error": line, **extra}, status, headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes `{"error": "one line"}`; only the unexpected ones are logged."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return _error(request, e.status, e.message, headers, **e.extra)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        text = e.text or ""
+        if not text or text == f"{e.status}: {e.reason}":
+            text = f"{e.reason.lower()}: {request.method} {request.path}"
+        resp = _error(request, e.status, text)
+        for key in ("Allow", "WWW-Authenticate", "Retry-After"):
+            if key in e.headers:
+                resp.headers[key] = e.headers[key]
+        return resp
+    except (ManifestError, ChunkError) as e:
+        return _error(request, 422, str(e))
+    except ValueError as e:
+        return _error(request, 400, str(e))
+    except ConnectionError:
+        raise  # the client went away mid-response; nothing to tell it
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(request, 500, "internal server error (see the server log)")
+
+
+def install_uvloop() -> bool:
+    """Use uvloop for the next event loop when it is installed; True if it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    access_log: bool = False,
+    on_ready: Callable[[str, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+    shutdown_timeout: float = 10.0,
+) -> None:
+    """Run `app` until SIGTERM/SIGINT (or `stop`), then let requests in flight finish.
+
+    `on_ready` hears the bound host and port (useful with port 0). Binding errors
+    (port in use, bad address) propagate as OSError before anything is served.
+    """
+    stop = stop or asyncio.Event()
+    kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
+    runner = web.AppRunner(app, handle_signals=False, **kwargs)
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    try:
+        site = web.TCPSite(runner, host, port, shutdown_timeout=shutdown_timeout)
+        await site.start()
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+        bound = runner.addresses[0]
+        if on_ready is not None:
+            on_ready(str(bound[0]), int(bound[1]))
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()

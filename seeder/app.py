@@ -1,0 +1,363 @@
+"""The seeder's HTTP API: chunk origin, manifest and name registry, assignments.
+
+Implements the contract in `manifests.wire`. Chunks live in a `distd.store.ChunkStore`
+(verified before they are stored); everything else in the SQLite `Registry`, which
+is only ever touched from one dedicated thread so the event loop never waits on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from distd.httpserver import (
+    ApiError,
+    error_middleware,
+    read_body,
+    read_obj,
+    require_bearer,
+    respond,
+    send_bytes,
+)
+from distd.ratelimit import TokenBucket
+from distd.store import ChunkStore, raw_size_of
+from manifests import wire
+from manifests.chunking import ChunkError
+from manifests.model import Encoding
+from manifests.validate import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES, decode_manifest
+from seeder.registry import Registry, UnknownManifest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A node id is an opaque token chosen by the fleet (hostname, UUID, serial number...).
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}$")
+MAX_DIGESTS_PER_QUERY = 1_000_000
+
+
+@dataclass
+class Counters:
+    """Running totals, read later by the metrics endpoint."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    chunks_stored: int = 0
+    chunks_served: int = 0
+    chunks_rejected: int = 0
+    manifests_published: int = 0
+    manifests_served: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Seeder:
+    """The state behind the routes; one per application."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        push_token: str,
+        max_upload_rate: int | None,
+        store: ChunkStore | None,
+    ) -> None:
+        if not push_token:
+            raise ValueError("a push token is required")
+        self.push_token = push_token
+        self.store = store if store is not None else ChunkStore(data_dir)
+        self.registry = Registry(data_dir)
+        self.bucket = TokenBucket(max_upload_rate)
+        self.counters = Counters()
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seeder-db")
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a registry method on the registry's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    async def close(self) -> None:
+        await self.db(self.registry.close)
+        self._db.shutdown(wait=True)
+
+    def authorize(self, request: web.Request) -> None:
+        require_bearer(request, self.push_token)
+
+
+SEEDER = web.AppKey("seeder", Seeder)
+
+
+def _seeder(request: web.Request) -> Seeder:
+    return request.app[SEEDER]
+
+
+def _digest_param(request: web.Request) -> str:
+    digest = request.match_info["digest"]
+    if not wire.is_digest(digest):
+        raise ApiError(400, f"not a SHA-256 digest (64 lowercase hex digits): {digest[:80]!r}")
+    return digest
+
+
+def _name_param(request: web.Request) -> str:
+    return wire.check_name(request.match_info["name"])
+
+
+def _node_id(value: object) -> str:
+    if not isinstance(value, str) or not _NODE_ID.match(value):
+        raise ApiError(400, f"not a node id: {str(value)[:80]!r}")
+    return value
+
+
+def _rule(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """(name, node, canonical selector) of an assignment rule; exactly one of node/selector."""
+    name = body.get("name")
+    if not isinstance(name, str):
+        raise ApiError(400, "assignment needs a 'name'")
+    wire.check_name(name)
+    node, selector = body.get("node"), body.get("selector")
+    if (node is None) == (selector is None):
+        raise ApiError(400, "assignment needs exactly one of 'node' or 'selector'")
+    if node is not None:
+        return name, _node_id(node), None
+    if not isinstance(selector, str):
+        raise ApiError(400, "selector must be a string k=v[,k=v...]")
+    labels = wire.parse_labels(selector)
+    if not labels:
+        # An empty selector would match the whole fleet: too easy to do by accident.
+        raise ApiError(400, "selector must have at least one k=v")
+    return name, None, wire.format_labels(labels)
+
+
+def _describe(node: str | None, selector: str | None) -> str:
+    return f"node {node!r}" if node is not None else f"selector {selector!r}"
+
+
+# -- routes ----------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def chunks_missing(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    body = await read_obj(request)
+    digests = body.get("digests")
+    if not isinstance(digests, list) or len(digests) > MAX_DIGESTS_PER_QUERY:
+        raise ApiError(400, f"'digests' must be a list of at most {MAX_DIGESTS_PER_QUERY}")
+    missing: list[str] = []
+    present: dict[str, list[Any]] = {}
+    seen: set[str] = set()
+    for d in digests:
+        if not isinstance(d, str) or not wire.is_digest(d):
+            raise ApiError(400, f"not a SHA-256 digest: {str(d)[:80]!r}")
+        if d in seen:
+            continue
+        seen.add(d)
+        info = s.store.info(d)
+        if info is None:
+            missing.append(d)
+        else:
+            present[d] = [info.stored_size, info.encoding.value]
+    return respond(request, {"missing": missing, "present": present})
+
+
+def _chunk_headers(request: web.Request) -> tuple[Encoding, int]:
+    enc_text = request.headers.get(wire.H_ENCODING, "")
+    try:
+        encoding = Encoding(enc_text)
+    except ValueError:
+        raise ApiError(
+            400, f"{wire.H_ENCODING} must be raw or zstd, got {enc_text[:40]!r}"
+        ) from None
+    size_text = request.headers.get(wire.H_SIZE, "")
+    if not size_text.isdigit() or not 1 <= int(size_text) <= MAX_CHUNK_SIZE:
+        raise ApiError(400, f"{wire.H_SIZE} must be an integer in [1, {MAX_CHUNK_SIZE}]")
+    return encoding, int(size_text)
+
+
+async def put_chunk(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    s.authorize(request)
+    digest = _digest_param(request)
+    encoding, size = _chunk_headers(request)
+    if s.store.has(digest):
+        # Verified when it was stored; no need to take the bytes again.
+        return respond(request, {"digest": digest, "stored": False}, 200)
+    payload = await read_body(request, MAX_CHUNK_SIZE)
+    s.counters.bytes_received += len(payload)
+    try:
+        stored = await s.store.put(digest, payload, encoding, size)
+    except ChunkError as e:
+        s.counters.chunks_rejected += 1
+        detail = str(e)
+        message = f"chunk {digest} content mismatch"
+        if "content mismatch" not in detail:
+            message += f": {detail}"
+        raise ApiError(422, message) from None
+    if stored:
+        s.counters.chunks_stored += 1
+    return respond(request, {"digest": digest, "stored": stored}, 201 if stored else 200)
+
+
+async def get_chunk(request: web.Request) -> web.StreamResponse:
+    s = _seeder(request)
+    digest = _digest_param(request)
+    try:
+        info, payload = await s.store.get(digest)
+    except (KeyError, FileNotFoundError):
+        raise ApiError(404, f"no chunk {digest}") from None
+    headers = {
+        wire.H_ENCODING: info.encoding.value,
+        wire.H_SIZE: str(raw_size_of(payload, info.encoding)),
+    }
+    resp = await send_bytes(request, payload, headers=headers, bucket=s.bucket)
+    s.counters.bytes_sent += len(payload)
+    s.counters.chunks_served += 1
+    return resp
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    s.authorize(request)
+    digest = _digest_param(request)
+    data = await read_body(request, MAX_MANIFEST_BYTES)
+    s.counters.bytes_received += len(data)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise ApiError(422, f"manifest body has SHA-256 {actual}, not the {digest} in the URL")
+    if await s.db(s.registry.has_manifest, digest):
+        return respond(request, {"digest": digest, "published": False}, 200)
+    manifest = await asyncio.to_thread(decode_manifest, data)  # ManifestError -> 422
+    missing = [c.digest for c in manifest.chunks if not s.store.has(c.digest)]
+    if missing:
+        raise ApiError(
+            409,
+            f"{len(missing)} of the manifest's {len(manifest.chunks)} chunks are not on the seeder",
+            missing=missing,
+        )
+    new = await s.db(s.registry.put_manifest, digest, data)
+    if new:
+        s.counters.manifests_published += 1
+        log.info("published manifest %s (%d entries)", digest, len(manifest.entries))
+    return respond(request, {"digest": digest, "published": new}, 201 if new else 200)
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    digest = _digest_param(request)
+    data = await s.db(s.registry.get_manifest, digest)
+    if data is None:
+        raise ApiError(404, f"no manifest {digest}")
+    s.counters.bytes_sent += len(data)
+    s.counters.manifests_served += 1
+    return web.Response(body=data, content_type=wire.MSGPACK)
+
+
+async def list_names(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    return respond(request, await s.db(s.registry.list_names))
+
+
+async def get_name(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    name = _name_param(request)
+    info = await s.db(s.registry.get_name, name)
+    if info is None:
+        raise ApiError(404, f"no such name {name!r}")
+    return respond(request, info)
+
+
+async def put_name(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    s.authorize(request)
+    name = _name_param(request)
+    body = await read_obj(request)
+    digest = body.get("digest")
+    if not isinstance(digest, str) or not wire.is_digest(digest):
+        raise ApiError(400, "body needs 'digest': 64 lowercase hex digits")
+    try:
+        previous = await s.db(s.registry.set_name, name, digest)
+    except UnknownManifest:
+        raise ApiError(409, f"manifest {digest} is not published; publish it first") from None
+    if previous != digest:
+        log.info("name %s -> %s (was %s)", name, digest, previous or "unset")
+    info = await s.db(s.registry.get_name, name)
+    assert info is not None
+    info["previous"] = previous
+    return respond(request, info)
+
+
+async def get_assignments(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    node = request.query.get("node")
+    labels_text = request.query.get("labels", "")
+    if node is None:
+        if labels_text:
+            raise ApiError(400, "'labels' only makes sense with 'node'")
+        return respond(request, await s.db(s.registry.list_assignments))
+    node = _node_id(node)
+    labels = wire.parse_labels(labels_text)
+    await s.db(s.registry.node_seen, node, labels, request.remote or "")
+    return respond(request, await s.db(s.registry.resolve, node, labels))
+
+
+async def add_assignment(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    s.authorize(request)
+    name, node, selector = _rule(await read_obj(request))
+    created = await s.db(s.registry.add_assignment, name, node, selector)
+    if created:
+        log.info("assigned %s to %s", name, _describe(node, selector))
+    rule = {"name": name, "node": node, "selector": selector}
+    return respond(request, rule, 201 if created else 200)
+
+
+async def remove_assignment(request: web.Request) -> web.Response:
+    s = _seeder(request)
+    s.authorize(request)
+    name, node, selector = _rule(await read_obj(request))
+    if not await s.db(s.registry.remove_assignment, name, node, selector):
+        raise ApiError(404, f"no assignment of {name!r} to {_describe(node, selector)}")
+    log.info("unassigned %s from %s", name, _describe(node, selector))
+    return respond(request, {"name": name, "node": node, "selector": selector})
+
+
+def make_app(
+    data_dir: str | Path,
+    push_token: str,
+    *,
+    max_upload_rate: int | None = None,
+    store: ChunkStore | None = None,
+) -> web.Application:
+    """The seeder application. Opens the store and the registry now, so errors surface early."""
+    seeder = Seeder(Path(data_dir), push_token, max_upload_rate, store)
+    app = web.Application(middlewares=[error_middleware], client_max_size=wire.MAX_REQUEST_BODY)
+    app[SEEDER] = seeder
+
+    async def _close(_: web.Application) -> None:
+        await seeder.close()
+
+    app.on_cleanup.append(_close)
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_post("/v1/chunks/missing", chunks_missing)
+    r.add_put("/v1/chunks/{digest}", put_chunk)
+    r.add_get("/v1/chunks/{digest}", get_chunk, allow_head=False)
+    r.add_put("/v1/manifests/{digest}", put_manifest)
+    r.add_get("/v1/manifests/{digest}", get_manifest)
+    r.add_get("/v1/names", list_names)
+    r.add_get("/v1/names/{name:.+}", get_name)
+    r.add_put("/v1/names/{name:.+}", put_name)
+    r.add_get("/v1/assignments", get_assignments)
+    r.add_post("/v1/assignments", add_assignment)
+    r.add_delete("/v1/assignments", remove_assignment)
+    return app
