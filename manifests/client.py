@@ -408,3 +408,57 @@ class SeederClient:
             "GET", "/v1/assignments", params=params, context="cannot list assignments"
         )
         return list(body)
+
+    async def register(
+        self,
+        node_id: str,
+        *,
+        labels: Mapping[str, str],
+        address: str,
+        zone: str = "",
+        known: str = "",
+        wait: float = 0.0,
+    ) -> dict[str, Any]:
+        """Heartbeat and long-poll the node's assignment: `{"assignments", "etag"}`."""
+        obj = {
+            "labels": dict(labels),
+            "address": address,
+            "zone": zone,
+            "known": known,
+            "wait": wait,
+        }
+        timeout = aiohttp.ClientTimeout(total=wait + 30, sock_connect=10)
+        _, body, _ = await self._call(
+            "POST",
+            f"/v1/nodes/{quote(node_id, safe='')}",
+            obj=obj,
+            timeout=timeout,
+            context="cannot watch the assignment",
+        )
+        if not isinstance(body, dict) or not isinstance(body.get("assignments"), list):
+            raise SeederError("cannot watch the assignment: malformed answer")
+        return body
+
+    async def announce(
+        self,
+        image: str,
+        node_id: str,
+        *,
+        address: str,
+        zone: str = "",
+        have: int = 0,
+        total: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Tell the tracker we are in `image`'s swarm; returns a sample of other members."""
+        obj = {
+            "image": image,
+            "node_id": node_id,
+            "address": address,
+            "zone": zone,
+            "have": have,
+            "total": total,
+        }
+        _, body, _ = await self._call("POST", "/v1/announce", obj=obj, context="announce failed")
+        if not isinstance(body, dict) or not isinstance(body.get("peers"), list):
+            raise SeederError("announce failed: malformed answer")
+        return [p for p in body["peers"] if isinstance(p, dict)]

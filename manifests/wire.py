@@ -20,6 +20,20 @@ JSON otherwise, so `curl` works; writes need `Authorization: Bearer <push token>
                                    resolved [{"name", "digest"}]
     POST   /v1/assignments    {"name", "node" | "selector"}  -> 201 / 200
     DELETE /v1/assignments    {"name", "node" | "selector"}  -> 200 / 404
+    POST   /v1/nodes/{id}     {"labels": {k: v}, "address", "zone", "known": etag, "wait": s}
+                                -> {"assignments": [{"name", "digest"}], "etag"}; a long poll:
+                                   answered at once if etag != known, else on change or timeout
+    POST   /v1/announce       {"image", "node_id", "address", "zone", "have", "total"}
+                                -> {"peers": [{"node_id", "address", "zone", "have", "total",
+                                   "seeder"}], "interval": seconds}   (the tracker)
+
+Peer API (every distd, and the seeder for chunks):
+
+    GET    /v1/chunks/{digest}  -> as above; 503 {"error", "busy": true} when no upload slot
+                                   is free (ask another peer), 404 when not held
+    GET    /v1/swarm/{image}/haves?node=&address=&zone=
+                                -> a stream of msgpack messages: ["bitfield", bytes], then
+                                   ["have", [index...]] as chunks land, ["ping"] when idle
 
 Errors: non-2xx with {"error": "one line"}.
 """

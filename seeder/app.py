@@ -8,6 +8,7 @@ is only ever touched from one dedicated thread so the event loop never waits on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -35,6 +36,7 @@ from manifests.chunking import ChunkError
 from manifests.model import Encoding
 from manifests.validate import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES, decode_manifest
 from seeder.registry import Registry, UnknownManifest
+from seeder.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ T = TypeVar("T")
 # A node id is an opaque token chosen by the fleet (hostname, UUID, serial number...).
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}$")
 MAX_DIGESTS_PER_QUERY = 1_000_000
+ANNOUNCE_INTERVAL = 5.0
+MAX_POLL_WAIT = 60.0
 
 
 @dataclass
@@ -78,7 +82,15 @@ class Seeder:
         self.registry = Registry(data_dir)
         self.bucket = TokenBucket(max_upload_rate)
         self.counters = Counters()
+        self.tracker = Tracker()
+        self.announce_interval = ANNOUNCE_INTERVAL
+        self.changed = asyncio.Event()  # replaced on every change; long polls wait on it
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seeder-db")
+
+    def assignments_changed(self) -> None:
+        """Wake every node waiting in a long poll: names or assignments moved."""
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a registry method on the registry's own thread."""
@@ -289,6 +301,7 @@ async def put_name(request: web.Request) -> web.Response:
     except UnknownManifest:
         raise ApiError(409, f"manifest {digest} is not published; publish it first") from None
     if previous != digest:
+        s.assignments_changed()
         log.info("name %s -> %s (was %s)", name, digest, previous or "unset")
     info = await s.db(s.registry.get_name, name)
     assert info is not None
@@ -316,6 +329,7 @@ async def add_assignment(request: web.Request) -> web.Response:
     name, node, selector = _rule(await read_obj(request))
     created = await s.db(s.registry.add_assignment, name, node, selector)
     if created:
+        s.assignments_changed()
         log.info("assigned %s to %s", name, _describe(node, selector))
     rule = {"name": name, "node": node, "selector": selector}
     return respond(request, rule, 201 if created else 200)
@@ -327,8 +341,80 @@ async def remove_assignment(request: web.Request) -> web.Response:
     name, node, selector = _rule(await read_obj(request))
     if not await s.db(s.registry.remove_assignment, name, node, selector):
         raise ApiError(404, f"no assignment of {name!r} to {_describe(node, selector)}")
+    s.assignments_changed()
     log.info("unassigned %s from %s", name, _describe(node, selector))
     return respond(request, {"name": name, "node": node, "selector": selector})
+
+
+def _str_field(body: dict[str, Any], key: str, limit: int = 255) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str) or len(value) > limit:
+        raise ApiError(400, f"'{key}' must be a string of at most {limit} characters")
+    return value
+
+
+def _labels_field(body: dict[str, Any]) -> dict[str, str]:
+    labels = body.get("labels", {})
+    if not isinstance(labels, dict):
+        raise ApiError(400, "'labels' must be a map")
+    return wire.parse_labels(wire.format_labels({str(k): str(v) for k, v in labels.items()}))
+
+
+async def register_node(request: web.Request) -> web.Response:
+    """A daemon's heartbeat and assignment watch in one: a long poll on its resolved set.
+
+    The answer carries an etag of the set; a node that sends back the etag it holds
+    is answered only when the set changes or `wait` seconds pass, so a change
+    reaches every node within a moment while idle nodes cost one request a minute.
+    """
+    s = _seeder(request)
+    node = _node_id(request.match_info["node"])
+    body = await read_obj(request, 64 << 10)
+    labels = _labels_field(body)
+    address = _str_field(body, "address")
+    known = _str_field(body, "known")
+    wait = body.get("wait", 0)
+    if not isinstance(wait, int | float) or not 0 <= wait <= MAX_POLL_WAIT:
+        raise ApiError(400, f"'wait' must be a number of seconds in [0, {MAX_POLL_WAIT:.0f}]")
+    await s.db(s.registry.node_seen, node, labels, address or request.remote or "")
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        changed = s.changed
+        resolved = await s.db(s.registry.resolve, node, labels)
+        etag = hashlib.sha256(wire.pack(resolved)).hexdigest()[:32]
+        left = deadline - asyncio.get_running_loop().time()
+        if etag != known or left <= 0:
+            return respond(request, {"assignments": resolved, "etag": etag})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), left)
+
+
+async def announce(request: web.Request) -> web.Response:
+    """Tracker: record the node in the image's swarm, answer with a sample of the others."""
+    s = _seeder(request)
+    body = await read_obj(request, 64 << 10)
+    image = _str_field(body, "image", 64)
+    if not wire.is_digest(image):
+        raise ApiError(400, "'image' must be a manifest digest")
+    node = _node_id(body.get("node_id"))
+    address = _str_field(body, "address")
+    if not address:
+        raise ApiError(400, "'address' (host:port the node serves chunks on) is required")
+    counts = [body.get("have", 0), body.get("total", 0)]
+    if not all(isinstance(c, int) and 0 <= c <= 1 << 32 for c in counts):
+        raise ApiError(400, "'have' and 'total' must be chunk counts")
+    now = asyncio.get_running_loop().time()
+    peers = s.tracker.announce(
+        image,
+        node,
+        address,
+        zone=_str_field(body, "zone", 63),
+        have=counts[0],
+        total=counts[1],
+        now=now,
+    )
+    out = {"peers": [m.public() for m in peers], "interval": s.announce_interval}
+    return respond(request, out)
 
 
 def make_app(
@@ -360,4 +446,6 @@ def make_app(
     r.add_get("/v1/assignments", get_assignments)
     r.add_post("/v1/assignments", add_assignment)
     r.add_delete("/v1/assignments", remove_assignment)
+    r.add_post("/v1/nodes/{node}", register_node)
+    r.add_post("/v1/announce", announce)
     return app
