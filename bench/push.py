@@ -342,12 +342,19 @@ def measure_pull(seeder: Seeder, work: Path, total: int) -> Step | str:
     ]
     cpu0 = _children_cpu() + seeder.cpu()
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, stdin=subprocess.DEVNULL)
+    # stderr goes to a file, not the terminal: pull draws its own bar, and on failure
+    # its last line is the reason to report.
+    err_path = work / "pull.stderr"
+    with open(err_path, "wb") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
     seconds = time.monotonic() - t0
     cpu = _children_cpu() + seeder.cpu() - cpu0
     if proc.returncode != 0:
-        return f"distd pull exited {proc.returncode}: skipped"
-    log(proc.stdout.decode(errors="replace").strip().splitlines()[-1:][0] if proc.stdout else "")
+        lines = err_path.read_text(errors="replace").strip().splitlines()
+        return f"distd pull exited {proc.returncode} ({lines[-1] if lines else 'no message'})"
+    out = proc.stdout.decode(errors="replace").strip().splitlines()
+    if out:
+        log(out[-1])
     return Step(
         name="distd pull",
         seconds=seconds,
@@ -357,10 +364,10 @@ def measure_pull(seeder: Seeder, work: Path, total: int) -> Step | str:
     )
 
 
-def markdown(steps: list[Step], notes: list[str], files: int, total: int) -> str:
+def markdown(steps: list[Step], notes: list[str], files: int, total: int, load: list[float]) -> str:
     lines = [
         f"Tree: {files} files, {format_size(total)} (half random, half log-like), "
-        f"{os.cpu_count()} cores.",
+        f"{os.cpu_count()} cores, load average {load[0]:.2f} before the run.",
         "",
         "| step | seconds | MB/s | CPU s/GiB | sent | floor MB/s | ok |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -396,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Other work on the machine skews every figure: record how busy it was.
+    load = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="p2pdist-bench-push-", dir=args.workdir))
     seeder: Seeder | None = None
     try:
@@ -424,9 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(markdown(steps, notes, files, total))
+    print(markdown(steps, notes, files, total, load))
     doc = {
         "tree": {"files": files, "bytes": total, "cpus": os.cpu_count()},
+        "load_average_at_start": load,
         "steps": [
             {
                 "name": s.name,

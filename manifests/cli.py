@@ -349,6 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (CliError, SeederError, PushError, ManifestError, ChunkError) as e:
         _fail(str(e))
+    except BrokenPipeError:
+        # `manifests list | head`: the reader left; say nothing, like other Unix tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except OSError as e:
         where = f"{e.filename!r}: " if e.filename else ""
         _fail(f"{where}{e.strerror or e}")

@@ -56,6 +56,11 @@ class Progress:
         self._width = 0
         self._closed = False
 
+    def show(self) -> None:
+        """Start drawing a bar created with enabled=False (work counted before it is shown)."""
+        with self._lock:
+            self.enabled = not self._closed and _is_tty(self.stream)
+
     def set_total(self, total: int) -> None:
         """For work whose size is known only once it has started (a tree walk)."""
         with self._lock:

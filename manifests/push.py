@@ -9,12 +9,14 @@ last, so nobody ever sees a name pointing at something incomplete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from manifests.chunking import DEFAULT_ZSTD_LEVEL, encode_chunk, probe_compressible, sha256_hex
 from manifests.client import SeederClient, SeederError
@@ -44,7 +46,11 @@ class PushSummary:
     uploaded_raw_bytes: int
     seconds: float
     scan_seconds: float
+    """From the start until hashing ended (uploads overlap with hashing)."""
     upload_seconds: float
+    """From the start until the last chunk was uploaded."""
+    queries: int = 0
+    """`missing` requests made; a push batches them."""
 
     @property
     def mb_per_s(self) -> float:
@@ -96,78 +102,119 @@ def _changed(src: ChunkSource, digest: str) -> bool:
         return True
 
 
-async def _query_missing(
-    client: SeederClient, digests: list[str]
-) -> tuple[list[str], dict[str, tuple[int, Encoding]]]:
-    """Ask in batches so a huge image does not make one enormous request."""
-    missing: list[str] = []
-    present: dict[str, tuple[int, Encoding]] = {}
-    for i in range(0, len(digests), MISSING_BATCH):
-        m, p = await client.missing(digests[i : i + MISSING_BATCH])
-        missing.extend(m)
-        present.update(p)
-    return missing, present
+class _Pipeline:
+    """Overlaps the three stages of a push: hashing (scan threads), asking the seeder what
+    it lacks (batched), and reading + encoding + uploading the missing chunks.
 
-
-async def _upload_missing(
-    client: SeederClient,
-    missing: list[str],
-    sources: dict[str, ChunkSource],
-    table: dict[str, Chunk],
-    *,
-    parallel_uploads: int,
-    level: int,
-    bar: Progress,
-) -> tuple[int, int]:
-    """Read, encode and upload every missing chunk; returns (chunks sent, stored bytes sent).
-
-    2 x parallel_uploads workers each hold at most one chunk, so memory stays bounded
-    while encoding (threads) overlaps with `parallel_uploads` requests in flight.
+    Hashing is CPU work and uploading mostly waits on the seeder's disk, so running
+    them together rather than one after the other is what makes a first push fast.
+    Memory stays bounded: 2 x parallel_uploads workers each hold at most one chunk.
     """
-    loop = asyncio.get_running_loop()
-    todo: Iterator[str] = iter(missing)
-    uploads = asyncio.Semaphore(parallel_uploads)
-    sent = [0, 0]
-    workers = max(1, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers, thread_name_prefix="push-encode") as pool:
 
-        async def worker() -> None:
-            for digest in todo:
-                src = sources[digest]
-                encoding, payload = await loop.run_in_executor(pool, _read_and_encode, src, level)
-                async with uploads:
-                    try:
-                        stored = await client.put_chunk(digest, payload, encoding, src.size)
-                    except SeederError:
-                        # A 422 usually means the file was modified after it was hashed:
-                        # say which file, not which chunk digest.
-                        if await loop.run_in_executor(pool, _changed, src, digest):
-                            raise PushError(
-                                f"{src.path!r} changed while it was being pushed "
-                                f"(bytes at offset {src.offset} no longer match their hash)"
-                            ) from None
-                        raise
-                if stored:
-                    table[digest] = Chunk(digest, src.size, len(payload), encoding)
-                    sent[0] += 1
-                    sent[1] += len(payload)
+    def __init__(
+        self,
+        client: SeederClient,
+        *,
+        parallel_uploads: int,
+        level: int,
+        bar: Progress,
+    ) -> None:
+        self.client = client
+        self.parallel_uploads = parallel_uploads
+        self.level = level
+        self.bar = bar
+        self.found: asyncio.Queue[tuple[str, ChunkSource] | None] = asyncio.Queue()
+        self.to_upload: asyncio.Queue[tuple[str, ChunkSource] | None] = asyncio.Queue()
+        self.table: dict[str, Chunk] = {}
+        self.uploaded_chunks = 0
+        self.uploaded_bytes = 0
+        self.uploaded_raw_bytes = 0
+        self.missing_raw_bytes = 0
+        self.queries = 0
+
+    async def classify(self) -> None:
+        """Batch the digests the scan finds into `missing` queries; queue what is absent."""
+        done = False
+        while not done:
+            batch: list[tuple[str, ChunkSource]] = []
+            item = await self.found.get()
+            if item is not None and self.found.qsize() < 64:
+                # Let a few more arrive, so a fast scan does not cost a query per chunk.
+                await asyncio.sleep(0.02)
+            while True:
+                if item is None:
+                    done = True
                 else:
-                    # Someone else stored it meanwhile, maybe in another encoding: ask which.
-                    _, present = await client.missing([digest])
-                    if digest not in present:
-                        raise PushError(f"seeder reported chunk {digest[:16]} both held and not")
-                    stored_size, enc = present[digest]
-                    table[digest] = Chunk(digest, src.size, stored_size, Encoding(enc))
-                bar.advance(src.size)
+                    batch.append(item)
+                if done or len(batch) >= MISSING_BATCH or self.found.empty():
+                    break
+                item = self.found.get_nowait()
+            if not batch:
+                continue
+            self.queries += 1
+            _, present = await self.client.missing([d for d, _ in batch])
+            for digest, src in batch:
+                held = present.get(digest)
+                if held is not None:
+                    stored_size, enc = held
+                    self.table[digest] = Chunk(digest, src.size, stored_size, Encoding(enc))
+                else:
+                    # Anything not reported present is uploaded, even if the seeder
+                    # forgot to list it as missing.
+                    self.missing_raw_bytes += src.size
+                    self.to_upload.put_nowait((digest, src))
+            self.bar.set_total(self.missing_raw_bytes)
+        for _ in range(self.workers):
+            self.to_upload.put_nowait(None)
 
-        tasks = [asyncio.create_task(worker()) for _ in range(max(1, 2 * parallel_uploads))]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-    return sent[0], sent[1]
+    @property
+    def workers(self) -> int:
+        return max(1, 2 * self.parallel_uploads)
+
+    async def upload(self, pool: ThreadPoolExecutor, uploads: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        while (item := await self.to_upload.get()) is not None:
+            digest, src = item
+            encoding, payload = await loop.run_in_executor(pool, _read_and_encode, src, self.level)
+            async with uploads:
+                try:
+                    stored = await self.client.put_chunk(digest, payload, encoding, src.size)
+                except SeederError:
+                    # A 422 usually means the file was modified after it was hashed:
+                    # say which file, not which chunk digest.
+                    if await loop.run_in_executor(pool, _changed, src, digest):
+                        raise PushError(
+                            f"{src.path!r} changed while it was being pushed "
+                            f"(bytes at offset {src.offset} no longer match their hash)"
+                        ) from None
+                    raise
+            if stored:
+                self.table[digest] = Chunk(digest, src.size, len(payload), encoding)
+                self.uploaded_chunks += 1
+                self.uploaded_bytes += len(payload)
+                self.uploaded_raw_bytes += src.size
+            else:
+                # Someone else stored it meanwhile, maybe in another encoding: ask which.
+                _, present = await self.client.missing([digest])
+                if digest not in present:
+                    raise PushError(f"seeder reported chunk {digest[:16]} both held and not")
+                stored_size, enc = present[digest]
+                self.table[digest] = Chunk(digest, src.size, stored_size, Encoding(enc))
+            self.bar.advance(src.size)
+
+
+async def _first_failure(tasks: list[asyncio.Future[Any]]) -> None:
+    """Wait for all; on the first failure cancel the rest and raise it."""
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            error = None if t.cancelled() else t.exception()
+            if error is not None:
+                raise error
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def push_tree(
@@ -187,35 +234,57 @@ async def push_tree(
     check_name(name)
     if parallel_uploads < 1:
         raise ValueError("parallel uploads must be at least 1")
+    loop = asyncio.get_running_loop()
     t0 = time.monotonic()
-    with Progress(0, "hashing  ", enabled=progress) as bar:
-        scan: ScanResult = await asyncio.to_thread(
-            scan_tree, root, chunk_size, on_bytes=bar.advance, on_total=bar.set_total
-        )
-    t_scan = time.monotonic()
+    hash_bar = Progress(0, "hashing  ", enabled=progress)
+    # Uploads start while hashing goes on; their bar is shown once hashing is done.
+    upload_bar = Progress(0, "uploading", enabled=False)
+    pipe = _Pipeline(client, parallel_uploads=parallel_uploads, level=level, bar=upload_bar)
+    cancel = threading.Event()
+    scan_done = 0.0
 
-    digests = sorted(scan.sources)
-    _, present = await _query_missing(client, digests)
-    table: dict[str, Chunk] = {}
-    for d, (stored_size, enc) in present.items():
-        src = scan.sources.get(d)
-        if src is not None:
-            table[d] = Chunk(d, src.size, stored_size, Encoding(enc))
-    # Anything the seeder did not report present is uploaded, even if it forgot to list it.
-    need = [d for d in digests if d not in table]
-    with Progress(sum(scan.sources[d].size for d in need), "uploading", enabled=progress) as bar:
-        uploaded_chunks, uploaded_bytes = await _upload_missing(
-            client,
-            need,
-            scan.sources,
-            table,
-            parallel_uploads=parallel_uploads,
-            level=level,
-            bar=bar,
-        )
+    def post(item: tuple[str, ChunkSource] | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the push was abandoned
+            loop.call_soon_threadsafe(pipe.found.put_nowait, item)
+
+    def run_scan() -> ScanResult:
+        nonlocal scan_done
+        try:
+            return scan_tree(
+                root,
+                chunk_size,
+                on_bytes=hash_bar.advance,
+                on_total=hash_bar.set_total,
+                on_chunk=lambda digest, src: post((digest, src)),
+                cancel=cancel,
+            )
+        finally:
+            scan_done = time.monotonic()
+            hash_bar.close()
+            if progress:
+                upload_bar.show()
+            post(None)
+
+    workers = max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers, thread_name_prefix="push-encode") as pool:
+        uploads = asyncio.Semaphore(parallel_uploads)
+        scan_task = asyncio.ensure_future(loop.run_in_executor(None, run_scan))
+        tasks: list[asyncio.Future[Any]] = [
+            scan_task,
+            asyncio.ensure_future(pipe.classify()),
+            *(asyncio.ensure_future(pipe.upload(pool, uploads)) for _ in range(pipe.workers)),
+        ]
+        try:
+            await _first_failure(tasks)
+        except BaseException:
+            cancel.set()  # stop hashing: this push is over
+            raise
+        finally:
+            upload_bar.close()
+    scan: ScanResult = scan_task.result()
     t_upload = time.monotonic()
 
-    manifest = Manifest.build(scan.entries, table, chunk_size)
+    manifest = Manifest.build(scan.entries, pipe.table, chunk_size)
     data = manifest.encode()
     digest = await client.put_manifest(data)
     if digest != manifest.digest:
@@ -228,10 +297,11 @@ async def push_tree(
         files=scan.files,
         total_bytes=scan.total_bytes,
         unique_chunks=len(scan.sources),
-        uploaded_chunks=uploaded_chunks,
-        uploaded_bytes=uploaded_bytes,
-        uploaded_raw_bytes=sum(scan.sources[d].size for d in need),
+        uploaded_chunks=pipe.uploaded_chunks,
+        uploaded_bytes=pipe.uploaded_bytes,
+        uploaded_raw_bytes=pipe.uploaded_raw_bytes,
         seconds=t_end - t0,
-        scan_seconds=t_scan - t0,
-        upload_seconds=t_upload - t_scan,
+        scan_seconds=scan_done - t0,
+        upload_seconds=t_upload - t0,
+        queries=pipe.queries,
     )

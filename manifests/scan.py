@@ -13,7 +13,7 @@ import queue
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from io import RawIOBase
 from pathlib import Path
@@ -103,17 +103,25 @@ def _fill(f: RawIOBase, buf: bytearray) -> int:
     return got
 
 
+class ScanCancelled(Exception):
+    """The caller asked the scan to stop (its push failed elsewhere)."""
+
+
 def scan_tree(
     root: str | Path,
     chunk_size: int,
     workers: int | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    on_chunk: Callable[[str, ChunkSource], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> ScanResult:
     """Hash every file under `root` into entries and the location of each unique chunk.
 
-    `on_total` hears the byte count to hash once the walk is done (for a progress bar),
-    `on_bytes` each piece as it is read.
+    Callbacks (called from worker threads) let a push overlap with the scan:
+    `on_total` hears the byte count to hash once the walk is done, `on_bytes` each
+    piece as it is read, `on_chunk` each new unique chunk as soon as it is hashed.
+    Setting `cancel` stops the scan with ScanCancelled.
     """
     root = os.path.abspath(root)
     if not os.path.isdir(root):
@@ -124,6 +132,7 @@ def scan_tree(
     workers = workers or os.cpu_count() or 1
     sources: dict[str, ChunkSource] = {}
     lock = threading.Lock()
+    stop = cancel if cancel is not None else threading.Event()
     # Bound chunks held in memory across all files (each up to chunk_size bytes), and
     # reuse their buffers: a fresh 4 MiB buffer per read costs page faults (kernel time)
     # comparable to the read itself.
@@ -141,12 +150,18 @@ def scan_tree(
         free.put(buf)
         in_flight.release()
 
-    def hash_chunk(buf: bytearray, n: int) -> str:
+    def hash_chunk(buf: bytearray, n: int, full: str, off: int) -> str:
         try:
             with memoryview(buf) as view:
-                return sha256_hex(view[:n])
+                digest = sha256_hex(view[:n])
         finally:
             give_back(buf)
+        src = ChunkSource(full, off, n)
+        with lock:
+            new = sources.setdefault(digest, src) is src
+        if new and on_chunk is not None:
+            on_chunk(digest, src)
+        return digest
 
     with (
         ThreadPoolExecutor(workers, thread_name_prefix="hash-chunk") as chunk_pool,
@@ -157,34 +172,48 @@ def scan_tree(
             # A one-chunk file's SHA-256 is its chunk's digest: do not hash it twice.
             single = expected <= chunk_size
             file_hash = hashlib.sha256()
-            pending: list[tuple[int, int, Future[str]]] = []
+            pending: list[Future[str]] = []
             size = 0
-            with open(full, "rb", buffering=0) as f:
-                while True:
-                    buf = take_buffer()
-                    n = _fill(f, buf)
-                    if not n:
-                        give_back(buf)
-                        break
-                    if not single:
-                        with memoryview(buf) as view:
-                            file_hash.update(view[:n])
-                    pending.append((size, n, chunk_pool.submit(hash_chunk, buf, n)))
-                    size += n
-                    if on_bytes is not None:
-                        on_bytes(n)
-            if size != expected or (single and len(pending) > 1):
-                raise ManifestError(f"{full!r} changed while it was being read")
-            digests = []
-            for off, n, fut in pending:
-                d = fut.result()
-                digests.append(d)
-                with lock:
-                    sources.setdefault(d, ChunkSource(full, off, n))
+            try:
+                with open(full, "rb", buffering=0) as f:
+                    while True:
+                        if stop.is_set():
+                            raise ScanCancelled("scan cancelled")
+                        buf = take_buffer()
+                        try:
+                            n = _fill(f, buf)
+                        except BaseException:
+                            give_back(buf)  # a lost buffer could leave other readers waiting
+                            raise
+                        if not n:
+                            give_back(buf)
+                            break
+                        if not single:
+                            with memoryview(buf) as view:
+                                file_hash.update(view[:n])
+                        pending.append(chunk_pool.submit(hash_chunk, buf, n, full, size))
+                        size += n
+                        if on_bytes is not None:
+                            on_bytes(n)
+                if size != expected or (single and len(pending) > 1):
+                    raise ManifestError(f"{full!r} changed while it was being read")
+                digests = tuple(fut.result() for fut in pending)
+            except BaseException:
+                stop.set()  # one failure ends the whole scan: do not hash the rest
+                raise
             whole = digests[0] if single and digests else file_hash.hexdigest()
-            return Entry(rel, Kind.FILE, mode, size=size, sha256=whole, chunks=tuple(digests))
+            return Entry(rel, Kind.FILE, mode, size=size, sha256=whole, chunks=digests)
 
         futures = [file_pool.submit(hash_file, *spec) for spec in files]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.done() and not f.cancelled() and f.exception() for f in futures):
+            stop.set()
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            errors = [e for f in futures if not f.cancelled() and (e := f.exception())]
+            # Report the cause, not the files that stopped because of it.
+            raise next((e for e in errors if not isinstance(e, ScanCancelled)), errors[0])
         file_entries = [f.result() for f in futures]
     entries.extend(file_entries)
     return ScanResult(
