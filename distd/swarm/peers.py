@@ -18,11 +18,14 @@ class Failure(StrEnum):
     ERROR = "error"  # connection refused, reset, HTTP error
     MISSING = "missing"  # the peer said it does not hold a chunk it advertised
     CORRUPT = "corrupt"  # the bytes did not match the digest: the peer is lying or broken
+    DEFERRED = "deferred"  # a seeder handed this chunk out recently: get it from peers
 
 
 @dataclass(frozen=True, slots=True)
 class Penalties:
     busy_backoff: float = 0.2
+    max_busy_backoff: float = 3.0
+    defer_seconds: float = 2.0
     error_backoff: float = 0.5
     max_backoff: float = 30.0
     ban_seconds: float = 60.0
@@ -37,15 +40,28 @@ class PeerState:
     inflight: set[int] = field(default_factory=set)
     rate: float = 0.0  # moving average of bytes/s per completed request; 0 = unknown
     failures: int = 0
+    busy: int = 0  # consecutive busy answers
     corrupt: int = 0
+    withheld: dict[int, float] = field(default_factory=dict)  # index -> deferred until
     blocked_until: float = 0.0
     banned_until: float = 0.0
 
     def usable(self, now: float) -> bool:
         return now >= self.blocked_until and now >= self.banned_until
 
+    def withheld_bits(self, now: float) -> int:
+        """Chunks this peer deferred us on, still within their deferral."""
+        bits = 0
+        for i, until in list(self.withheld.items()):
+            if until > now:
+                bits |= 1 << i
+            else:
+                del self.withheld[i]
+        return bits
+
     def record_success(self, nbytes: int, elapsed: float) -> None:
         self.failures = 0
+        self.busy = 0
         sample = nbytes / max(elapsed, 1e-6)
         self.rate = sample if self.rate == 0 else 0.7 * self.rate + 0.3 * sample
 
@@ -54,7 +70,13 @@ class PeerState:
     ) -> None:
         jitter = 1.0 + rng.random()
         if reason is Failure.BUSY:
-            self.blocked_until = now + penalties.busy_backoff * jitter
+            # Doubling on each busy answer in a row: a thousand nodes told "busy" by an
+            # overloaded seeder spread out instead of coming back as one wave.
+            self.busy += 1
+            backoff = min(penalties.max_busy_backoff, penalties.busy_backoff * 2 ** (self.busy - 1))
+            self.blocked_until = now + backoff * jitter
+        elif reason is Failure.DEFERRED:
+            return  # the caller records which chunk; the peer itself stays usable
         elif reason is Failure.CORRUPT:
             self.corrupt += 1
             self.banned_until = now + penalties.ban_seconds * 2 ** (self.corrupt - 1)

@@ -133,6 +133,8 @@ class Scheduler:
             return
         if reason is Failure.MISSING:
             self._set_have(peer, peer.have & ~(1 << index))
+        elif reason is Failure.DEFERRED:
+            peer.withheld[index] = now + self.config.penalties.defer_seconds
         peer.record_failure(reason, now, self.config.penalties, self.rng)
 
     def expire(self, now: float) -> list[Request]:
@@ -159,7 +161,8 @@ class Scheduler:
                 self._fill(p, p.have & self.missing & ~self.pending_bits, now, out)
         for p in usable:
             if p.is_seeder:
-                self._fill(p, p.have & self.missing & ~self.pending_bits & ~reachable, now, out)
+                wanted = p.have & self.missing & ~self.pending_bits & ~reachable
+                self._fill(p, wanted & ~p.withheld_bits(now), now, out)
         if self.in_endgame():
             late = self._late(now)
             for p in usable:
@@ -197,6 +200,12 @@ class Scheduler:
             max(p.blocked_until, p.banned_until)
             for p in self.peers.values()
             if not p.usable(now) and p.have & self.missing
+        ]
+        times += [
+            until
+            for p in self.peers.values()
+            for i, until in p.withheld.items()
+            if bitfield.has(self.missing, i)
         ]
         future = [t for t in times if t > now]
         return min(future) if future else None
