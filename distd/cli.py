@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from distd.daemon import Daemon, DaemonConfig
 from distd.httpserver import install_uvloop
 from distd.materialize import DestExistsError, MaterializeError
 from distd.pull import DEFAULT_PARALLEL, PullError, PullResult, pull_image
@@ -23,7 +26,7 @@ from manifests.chunking import ChunkError
 from manifests.client import SeederClient, SeederError
 from manifests.model import Kind, ManifestError
 from manifests.progress import Progress
-from manifests.units import format_size
+from manifests.units import format_size, parse_rate, parse_size
 
 Command = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
@@ -97,6 +100,157 @@ def cmd_pull(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+# -- distd run -------------------------------------------------------------------
+
+
+def _env_default(flag: str, fallback: str | None = None) -> str | None:
+    return os.environ.get("DISTD_" + flag.upper().replace("-", "_"), fallback)
+
+
+def _typed(parse: Callable[[str], object], what: str) -> Callable[[str], object]:
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) or f"not {what}: {text!r}") from None
+
+    return convert
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    def opt(flag: str, help: str, default: str | None = None, **kw: Any) -> None:
+        env = "DISTD_" + flag.upper().replace("-", "_")
+        p.add_argument(
+            "--" + flag, default=_env_default(flag, default), help=f"{help} (env {env})", **kw
+        )
+
+    opt("seeder", "seeder base URL", metavar="URL")
+    opt(
+        "listen",
+        "address the peer server and status API listen on",
+        "0.0.0.0:7701",
+        type=_typed(_host_port, "HOST:PORT"),
+        metavar="HOST:PORT",
+    )
+    opt(
+        "data-dir",
+        "chunk store, manifests and images",
+        str(default_data_dir()),
+        type=Path,
+        metavar="DIR",
+    )
+    opt(
+        "node-id",
+        "this node's id in the fleet (default: the host name)",
+        os.uname().nodename,
+        metavar="ID",
+    )
+    opt(
+        "advertise",
+        "host:port other nodes reach this one on (default: the listen address)",
+        "",
+        metavar="HOST:PORT",
+    )
+    opt(
+        "labels",
+        "this node's labels, matched by assignment selectors",
+        "",
+        type=_typed(wire.parse_labels, "labels"),
+        metavar="k=v,...",
+    )
+    opt("zone", "this node's zone; same-zone neighbours are preferred", "", metavar="Z")
+    opt(
+        "max-upload-rate",
+        "egress cap for chunks served (e.g. 20MiB, 160Mbit)",
+        None,
+        type=_typed(parse_rate, "a rate"),
+        metavar="RATE",
+    )
+    opt(
+        "max-download-rate",
+        "ingress cap for chunks fetched",
+        None,
+        type=_typed(parse_rate, "a rate"),
+        metavar="RATE",
+    )
+    opt(
+        "upload-slots",
+        "chunk uploads served at once before answering busy",
+        "4",
+        type=_positive_int,
+        metavar="N",
+    )
+    opt(
+        "cache-max-bytes",
+        "keep chunks no assigned image uses up to this size",
+        "0",
+        type=_typed(parse_size, "a size"),
+        metavar="SIZE",
+    )
+    opt(
+        "gc-grace",
+        "seconds an unassigned image is kept before removal",
+        "60",
+        type=_typed(float, "seconds"),
+        metavar="SECONDS",
+    )
+    opt(
+        "announce-interval",
+        "seconds between tracker announces",
+        "5",
+        type=_typed(float, "seconds"),
+        metavar="SECONDS",
+    )
+    p.add_argument(
+        "--no-p2p",
+        action="store_true",
+        default=_env_default("no-p2p", "") not in ("", "0", "false"),
+        help="pull from the seeder only: the central-distributor baseline (env DISTD_NO_P2P)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.seeder:
+        parser.error("--seeder URL is required (or set DISTD_SEEDER)")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    host, port = args.listen
+    config = DaemonConfig(
+        seeder=args.seeder,
+        listen=(host, port),
+        data_dir=args.data_dir,
+        node_id=args.node_id,
+        advertise=args.advertise,
+        labels=args.labels,
+        zone=args.zone,
+        max_upload_rate=args.max_upload_rate,
+        max_download_rate=args.max_download_rate,
+        upload_slots=args.upload_slots,
+        cache_max_bytes=args.cache_max_bytes,
+        gc_grace=args.gc_grace,
+        p2p=not args.no_p2p,
+        announce_interval=args.announce_interval,
+    )
+    install_uvloop()
+    try:
+        asyncio.run(Daemon(config).run())
+    except OSError as e:
+        return _fail(f"cannot serve on {host}:{port} or use {args.data_dir}: {e.strerror or e}")
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------
 
 
@@ -141,8 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.set_defaults(func=cmd_pull, parser=pull)
 
-    # `distd run` (the node daemon: assignments, swarm, peer server, status API) is
-    # added here as its own subparser with `set_defaults(func=cmd_run, parser=run)`.
+    run = sub.add_parser(
+        "run",
+        help="run the node daemon: pull assigned images through the swarm and serve peers",
+        description="Watch this node's assignment on the seeder, pull every assigned image "
+        "mostly from neighbours, materialize it atomically, and serve held chunks to others. "
+        "Every flag can also be set as DISTD_<FLAG> in the environment.",
+    )
+    add_run_arguments(run)
+    run.set_defaults(func=cmd_run, parser=run)
 
     return parser
 

@@ -27,10 +27,11 @@ from distd.httpserver import (
     read_obj,
     require_bearer,
     respond,
-    send_bytes,
 )
+from distd.peer_server import ChunkServer
 from distd.ratelimit import TokenBucket
-from distd.store import ChunkStore, raw_size_of
+from distd.store import ChunkStore
+from distd.swarm.superseed import SuperSeeder
 from manifests import wire
 from manifests.chunking import ChunkError
 from manifests.model import Encoding
@@ -46,6 +47,9 @@ T = TypeVar("T")
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}$")
 MAX_DIGESTS_PER_QUERY = 1_000_000
 ANNOUNCE_INTERVAL = 5.0
+# Few slots, so each chunk crosses at a good share of the cap and is passed on sooner;
+# nodes told "busy" turn to their peers.
+DEFAULT_UPLOAD_SLOTS = 2
 MAX_POLL_WAIT = 60.0
 
 
@@ -74,6 +78,8 @@ class Seeder:
         push_token: str,
         max_upload_rate: int | None,
         store: ChunkStore | None,
+        upload_slots: int = DEFAULT_UPLOAD_SLOTS,
+        superseed: bool = True,
     ) -> None:
         if not push_token:
             raise ValueError("a push token is required")
@@ -82,6 +88,13 @@ class Seeder:
         self.registry = Registry(data_dir)
         self.bucket = TokenBucket(max_upload_rate)
         self.counters = Counters()
+        self.chunks = ChunkServer(
+            self.store,
+            slots=upload_slots,
+            bucket=self.bucket,
+            on_sent=self._sent,
+            policy=SuperSeeder() if superseed else None,
+        )
         self.tracker = Tracker()
         self.announce_interval = ANNOUNCE_INTERVAL
         self.changed = asyncio.Event()  # replaced on every change; long polls wait on it
@@ -91,6 +104,9 @@ class Seeder:
         """Wake every node waiting in a long poll: names or assignments moved."""
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def _sent(self, n: int) -> None:
+        self.counters.bytes_sent += n
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a registry method on the registry's own thread."""
@@ -220,21 +236,18 @@ async def put_chunk(request: web.Request) -> web.Response:
     return respond(request, {"digest": digest, "stored": stored}, 201 if stored else 200)
 
 
-async def get_chunk(request: web.Request) -> web.StreamResponse:
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: the seeder's counters and its chunk server's."""
     s = _seeder(request)
-    digest = _digest_param(request)
-    try:
-        info, payload = await s.store.get(digest)
-    except (KeyError, FileNotFoundError):
-        raise ApiError(404, f"no chunk {digest}") from None
-    headers = {
-        wire.H_ENCODING: info.encoding.value,
-        wire.H_SIZE: str(raw_size_of(payload, info.encoding)),
-    }
-    resp = await send_bytes(request, payload, headers=headers, bucket=s.bucket)
-    s.counters.bytes_sent += len(payload)
-    s.counters.chunks_served += 1
-    return resp
+    values = s.counters.snapshot()
+    values["chunks_served"] = s.chunks.chunks_sent
+    values["busy_answers"] = s.chunks.busy_answers
+    values["deferred_answers"] = s.chunks.policy.deferred if s.chunks.policy else 0
+    lines = []
+    for key, value in sorted(values.items()):
+        lines += [f"# TYPE seeder_{key}_total counter", f"seeder_{key}_total {value}"]
+    lines += ["# TYPE seeder_tracker_members gauge", f"seeder_tracker_members {len(s.tracker)}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
 async def put_manifest(request: web.Request) -> web.Response:
@@ -423,9 +436,11 @@ def make_app(
     *,
     max_upload_rate: int | None = None,
     store: ChunkStore | None = None,
+    upload_slots: int = DEFAULT_UPLOAD_SLOTS,
+    superseed: bool = True,
 ) -> web.Application:
     """The seeder application. Opens the store and the registry now, so errors surface early."""
-    seeder = Seeder(Path(data_dir), push_token, max_upload_rate, store)
+    seeder = Seeder(Path(data_dir), push_token, max_upload_rate, store, upload_slots, superseed)
     app = web.Application(middlewares=[error_middleware], client_max_size=wire.MAX_REQUEST_BODY)
     app[SEEDER] = seeder
 
@@ -437,7 +452,8 @@ def make_app(
     r.add_get("/healthz", healthz)
     r.add_post("/v1/chunks/missing", chunks_missing)
     r.add_put("/v1/chunks/{digest}", put_chunk)
-    r.add_get("/v1/chunks/{digest}", get_chunk, allow_head=False)
+    r.add_get("/v1/chunks/{digest}", seeder.chunks.handle, allow_head=False)
+    r.add_get("/metrics", metrics)
     r.add_put("/v1/manifests/{digest}", put_manifest)
     r.add_get("/v1/manifests/{digest}", get_manifest)
     r.add_get("/v1/names", list_names)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distd.httpserver import install_uvloop, serve
 from manifests.units import parse_rate
-from seeder.app import make_app
+from seeder.app import DEFAULT_UPLOAD_SLOTS, make_app
 
 log = logging.getLogger("seeder")
 
@@ -72,8 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on chunk bytes served per second, e.g. 100MiB or 800Mbit"
         " (env SEEDER_MAX_UPLOAD_RATE; default unlimited)",
     )
+    run.add_argument(
+        "--upload-slots",
+        type=_slots,
+        default=env("SEEDER_UPLOAD_SLOTS") or str(DEFAULT_UPLOAD_SLOTS),
+        metavar="N",
+        help="chunk uploads served at once before answering busy"
+        f" (env SEEDER_UPLOAD_SLOTS; default {DEFAULT_UPLOAD_SLOTS})",
+    )
+    run.add_argument(
+        "--no-superseed",
+        action="store_true",
+        default=env("SEEDER_NO_SUPERSEED") not in (None, "", "0", "false"),
+        help="serve every chunk request, even for chunks just handed out to another node"
+        " (env SEEDER_NO_SUPERSEED)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logs and access log")
     return parser
+
+
+def _slots(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -83,7 +104,13 @@ def _run(args: argparse.Namespace) -> int:
         data_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(data_dir, os.W_OK | os.X_OK):
             raise PermissionError(f"{data_dir} is not writable")
-        app = make_app(data_dir, args.push_token, max_upload_rate=args.max_upload_rate or None)
+        app = make_app(
+            data_dir,
+            args.push_token,
+            max_upload_rate=args.max_upload_rate or None,
+            upload_slots=args.upload_slots,
+            superseed=not args.no_superseed,
+        )
     except Exception as e:
         print(f"seeder: cannot use data dir {str(data_dir)!r}: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,380 @@
+"""`distd run`: the node daemon.
+
+It watches the node's assignment on the seeder (a long poll, so a change arrives
+within a moment), pulls every assigned image through the swarm, materializes it
+atomically, serves every chunk it holds to its neighbours, announces itself to the
+tracker, and removes images that are no longer assigned once their grace ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from distd import materialize
+from distd.catalog import Catalog, Image, State
+from distd.engine import EngineContext, SwarmDownload
+from distd.httpserver import error_middleware, respond, serve
+from distd.metrics import CONTENT_TYPE, Metrics
+from distd.peer_server import ChunkServer, HaveHub
+from distd.ratelimit import TokenBucket
+from distd.store import ChunkStore
+from distd.swarm.scheduler import SchedulerConfig
+from manifests.client import SeederClient, SeederError
+from manifests.validate import decode_manifest
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN = 1.0
+RETRY_MAX = 30.0
+
+
+@dataclass
+class DaemonConfig:
+    seeder: str
+    listen: tuple[str, int]
+    data_dir: Path
+    node_id: str
+    advertise: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    zone: str = ""
+    max_upload_rate: int | None = None
+    max_download_rate: int | None = None
+    upload_slots: int = 4
+    cache_max_bytes: int = 0
+    gc_grace: float = 60.0
+    p2p: bool = True
+    announce_interval: float = 5.0
+    poll_wait: float = 20.0
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.cfg = config
+        self.store = ChunkStore(config.data_dir)
+        self.catalog = Catalog(config.data_dir, self.store)
+        self.metrics = Metrics()
+        self.egress = TokenBucket(config.max_upload_rate)
+        self.ingress = TokenBucket(config.max_download_rate)
+        self.chunks = ChunkServer(
+            self.store,
+            slots=config.upload_slots,
+            bucket=self.egress,
+            on_sent=self.metrics.bytes_sent.inc,
+        )
+        self.hub = HaveHub(self.catalog, on_follower=self._on_follower)
+        self.catalog.on_have.append(self._on_have)
+        self.downloads: dict[str, SwarmDownload] = {}
+        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.address = config.advertise
+        self.stop = asyncio.Event()
+        self.announce_now = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+        self.client: SeederClient | None = None
+        self.rng = random.Random()
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware])
+        r = app.router
+        r.add_get("/healthz", self._healthz)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/v1/status", self._status)
+        r.add_get("/v1/chunks/{digest}", self.chunks.handle, allow_head=False)
+        r.add_get("/v1/swarm/{image}/haves", self.hub.handle)
+        return app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = self.metrics.render(self._refresh_gauges)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    def _refresh_gauges(self) -> None:
+        states = {s.value: 0 for s in State}
+        for image in self.catalog.images.values():
+            states[image.state.value] += 1
+        peers = sum(d.peer_count for d in self.downloads.values())
+        self.metrics.set_gauges(peers, states)
+        self.metrics.busy_answers.inc(self.chunks.busy_answers - self._busy_seen)
+        self._busy_seen = self.chunks.busy_answers
+
+    _busy_seen = 0
+
+    def status(self) -> dict[str, Any]:
+        rows = []
+        for image in self.catalog.images.values():
+            if image.remove_at is not None:
+                continue
+            ready = image.state is State.READY
+            for name in sorted(image.names) or [""]:
+                rows.append(
+                    {
+                        "name": name,
+                        "digest": image.digest,
+                        "state": image.state.value,
+                        "bytes_done": image.bytes_done,
+                        "bytes_total": image.bytes_total,
+                        "path": str(self.catalog.path(image.digest)) if ready else None,
+                        "error": image.error or None,
+                    }
+                )
+        rows.sort(key=lambda r: (r["name"], r["digest"]))
+        return {"node_id": self.cfg.node_id, "images": rows}
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return respond(request, self.status())
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _on_follower(self, image: Image, node_id: str, address: str, zone: str) -> None:
+        dl = self.downloads.get(image.digest)
+        if dl is not None:
+            dl.add_peer(node_id, address, zone)
+
+    def _on_have(self, image: Image, index: int) -> None:
+        dl = self.downloads.get(image.digest)
+        if dl is not None:
+            dl.on_have(index)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        restored = self.catalog.load()
+        if restored:
+            log.info(
+                "restored %d images and %d chunks from %s",
+                restored,
+                len(self.store),
+                self.cfg.data_dir,
+            )
+        host, port = self.cfg.listen
+        ready = asyncio.Event()
+
+        def on_ready(bound_host: str, bound_port: int) -> None:
+            if not self.address:
+                # A wildcard bind is not an address anyone can reach: use our host name.
+                wildcard = bound_host in ("0.0.0.0", "::", "")
+                self.address = f"{socket.getfqdn() if wildcard else bound_host}:{bound_port}"
+            log.info("distd %s listening on http://%s:%d", self.cfg.node_id, bound_host, bound_port)
+            ready.set()
+
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=16, ttl_dns_cache=300)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            self.session = session
+            self.client = SeederClient(self.cfg.seeder, session=session)
+            server = asyncio.create_task(
+                serve(self.make_app(), host, port, on_ready=on_ready, stop=self.stop)
+            )
+            waiter = asyncio.create_task(ready.wait())
+            await asyncio.wait({server, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if server.done():
+                waiter.cancel()
+                await server  # raises the bind error
+                return
+            for image in self.catalog.images.values():
+                self._start(image)
+            loops = [
+                asyncio.create_task(self._watch_assignments()),
+                asyncio.create_task(self._announce_loop()),
+                asyncio.create_task(self._gc_loop()),
+            ]
+            try:
+                await server
+            finally:
+                for t in [*loops, *self.workers.values()]:
+                    t.cancel()
+                await asyncio.gather(*loops, *self.workers.values(), return_exceptions=True)
+
+    # --- assignments -----------------------------------------------------------------------
+
+    async def _watch_assignments(self) -> None:
+        assert self.client is not None
+        etag = ""
+        backoff = RETRY_MIN
+        while True:
+            try:
+                answer = await self.client.register(
+                    self.cfg.node_id,
+                    labels=self.cfg.labels,
+                    address=self.address,
+                    zone=self.cfg.zone,
+                    known=etag,
+                    wait=self.cfg.poll_wait,
+                )
+                backoff = RETRY_MIN
+            except SeederError as e:
+                log.warning("assignment watch: %s; retrying in %.0fs", e, backoff)
+                await asyncio.sleep(backoff * (1 + self.rng.random()))
+                backoff = min(RETRY_MAX, backoff * 2)
+                continue
+            if answer["etag"] != etag:
+                etag = answer["etag"]
+                await self._reconcile(answer["assignments"])
+
+    async def _reconcile(self, assignments: list[dict[str, str]]) -> None:
+        assert self.client is not None
+        wanted: dict[str, set[str]] = {}
+        for a in assignments:
+            wanted.setdefault(a["digest"], set()).add(a["name"])
+        for digest, names in wanted.items():
+            image = self.catalog.images.get(digest)
+            if image is None:
+                try:
+                    data = await self.client.get_manifest(digest)
+                    manifest = decode_manifest(data)
+                except (SeederError, ValueError) as e:
+                    log.error("image %s (%s): %s", ", ".join(sorted(names)), digest[:16], e)
+                    continue
+                image = self.catalog.add(digest, manifest)
+            image.names = names
+            image.remove_at = None
+            self._start(image)
+        now = time.monotonic()
+        for image in self.catalog.images.values():
+            if image.digest not in wanted and image.remove_at is None:
+                image.remove_at = now + self.cfg.gc_grace
+                image.names = set()
+                log.info(
+                    "image %s unassigned; removing in %.0fs", image.digest[:16], self.cfg.gc_grace
+                )
+        self.announce_now.set()
+
+    # --- pulling ---------------------------------------------------------------------------
+
+    def _start(self, image: Image) -> None:
+        if image.state is State.READY or image.digest in self.workers:
+            return
+        task = asyncio.create_task(self._pull(image), name=f"pull-{image.digest[:12]}")
+        self.workers[image.digest] = task
+        task.add_done_callback(lambda _t: self.workers.pop(image.digest, None))
+
+    def _context(self) -> EngineContext:
+        assert self.session is not None
+        return EngineContext(
+            node_id=self.cfg.node_id,
+            address=self.address,
+            zone=self.cfg.zone,
+            seeder_url=self.cfg.seeder,
+            store=self.store,
+            session=self.session,
+            ingress=self.ingress,
+            metrics=self.metrics,
+            config=self.cfg.scheduler,
+            p2p=self.cfg.p2p,
+            rng=self.rng,
+        )
+
+    async def _pull(self, image: Image) -> None:
+        """Pull and materialize one image, retrying with backoff until it is ready."""
+        backoff = RETRY_MIN
+        image.started = time.monotonic()
+        while True:
+            image.state = State.PULLING
+            try:
+                if not image.complete:
+                    dl = SwarmDownload(image, self._context())
+                    self.downloads[image.digest] = dl
+                    self.announce_now.set()
+                    try:
+                        await dl.run()
+                    finally:
+                        self.downloads.pop(image.digest, None)
+                await asyncio.to_thread(
+                    materialize.materialize,
+                    image.manifest,
+                    self.store.read_verified,
+                    self.catalog.path(image.digest),
+                    replace=True,
+                )
+            except (OSError, materialize.MaterializeError, ValueError) as e:
+                image.state = State.FAILED
+                image.error = str(e)
+                log.error("image %s failed: %s; retrying in %.0fs", image.digest[:16], e, backoff)
+                await asyncio.sleep(backoff * (1 + self.rng.random()))
+                backoff = min(RETRY_MAX, backoff * 2)
+                continue
+            image.state = State.READY
+            image.error = ""
+            image.finished = time.monotonic()
+            self.metrics.pull_seconds.observe(image.finished - image.started)
+            log.info("image %s ready in %.2fs", image.digest[:16], image.finished - image.started)
+            self.announce_now.set()
+            return
+
+    # --- tracker ---------------------------------------------------------------------------
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.gather(
+                *(self._announce(i) for i in list(self.catalog.images.values())),
+                return_exceptions=True,
+            )
+            self.announce_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.announce_now.wait(), self.cfg.announce_interval)
+
+    async def _announce(self, image: Image) -> None:
+        assert self.client is not None
+        if image.remove_at is not None or not self.cfg.p2p:
+            return
+        try:
+            peers = await self.client.announce(
+                image.digest,
+                self.cfg.node_id,
+                address=self.address,
+                zone=self.cfg.zone,
+                have=image.have.bit_count(),
+                total=len(image.manifest.chunks),
+            )
+        except SeederError as e:
+            log.debug("announce of %s failed: %s", image.digest[:16], e)
+            return
+        dl = self.downloads.get(image.digest)
+        if dl is not None:
+            for p in peers:
+                if not p.get("seeder"):
+                    dl.add_peer(str(p["node_id"]), str(p["address"]), str(p.get("zone", "")))
+
+    # --- garbage collection ----------------------------------------------------------------
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, max(0.1, self.cfg.gc_grace / 4)))
+            now = time.monotonic()
+            for image in list(self.catalog.images.values()):
+                if image.remove_at is not None and image.remove_at <= now:
+                    await self._remove(image)
+
+    async def _remove(self, image: Image) -> None:
+        worker = self.workers.pop(image.digest, None)
+        if worker is not None:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+        await asyncio.to_thread(self.catalog.remove, image.digest)
+        deleted = await self._collect_garbage()
+        log.info("image %s removed (%d chunks deleted)", image.digest[:16], deleted)
+
+    async def _collect_garbage(self) -> int:
+        """Delete chunks no known image uses, keeping up to --cache-max-bytes of them."""
+        unused = [d for d in self.store.digests() if d not in self.catalog.users]
+        deleted = 0
+        for d in unused:
+            if self.store.total_bytes <= self.cfg.cache_max_bytes:
+                break
+            await self.store.delete(d)
+            deleted += 1
+        return deleted

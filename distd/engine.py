@@ -1,0 +1,255 @@
+"""The swarm download of one image: real sockets driving the sans-IO `Scheduler`.
+
+For each neighbour the engine follows its have-stream (bitfield, then each new
+chunk) and feeds it to the scheduler; it sends the requests the scheduler asks
+for, reports every answer back, and sleeps exactly until the next event or the
+scheduler's next wake-up. Every chunk is verified by the store before it counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from distd.catalog import Image
+from distd.metrics import Metrics
+from distd.peer_server import H_DEFERRED
+from distd.ratelimit import TokenBucket
+from distd.store import ChunkStore
+from distd.swarm import bitfield
+from distd.swarm.peers import Failure
+from distd.swarm.scheduler import Request, Scheduler, SchedulerConfig
+from manifests import wire
+from manifests.chunking import ChunkError
+from manifests.model import Encoding
+
+log = logging.getLogger(__name__)
+
+SEEDER_ID = "seeder"
+READ_SLICE = 64 << 10
+# How long a follower waits before reconnecting to a neighbour whose stream broke.
+REFOLLOW_SECONDS = 2.0
+
+
+@dataclass(eq=False)
+class PeerLink:
+    peer_id: str
+    url: str
+    zone: str = ""
+    is_seeder: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class EngineContext:
+    """What every image download of one node shares."""
+
+    node_id: str
+    address: str  # advertised host:port of this node's peer server
+    zone: str
+    seeder_url: str
+    store: ChunkStore
+    session: aiohttp.ClientSession
+    ingress: TokenBucket
+    metrics: Metrics
+    config: SchedulerConfig
+    headers: dict[str, str] = field(default_factory=dict)
+    p2p: bool = True
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class SwarmDownload:
+    def __init__(self, image: Image, ctx: EngineContext) -> None:
+        self.image = image
+        self.ctx = ctx
+        chunks = image.manifest.chunks
+        self.digests = [c.digest for c in chunks]
+        self.sched = Scheduler(
+            [c.stored_size for c in chunks],
+            bitfield.iter_set(image.have),
+            config=ctx.config,
+            rng=ctx.rng,
+        )
+        self.links: dict[str, PeerLink] = {}
+        self.tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.landing: set[int] = set()
+        self.wake = asyncio.Event()
+        seeder = PeerLink(SEEDER_ID, ctx.seeder_url.rstrip("/"), is_seeder=True)
+        self.links[SEEDER_ID] = seeder
+        self.sched.add_peer(SEEDER_ID, is_seeder=True, have=bitfield.full(len(chunks)))
+
+    # --- neighbours ---------------------------------------------------------------------
+
+    def add_peer(self, node_id: str, address: str, zone: str) -> None:
+        """A neighbour named by the tracker or by its own follow request: follow its haves."""
+        if not self.ctx.p2p or node_id == self.ctx.node_id or node_id in self.links:
+            return
+        if self.sched.complete:
+            return
+        link = PeerLink(node_id, f"http://{address}", zone)
+        self.links[node_id] = link
+        link.task = asyncio.create_task(self._follow(link), name=f"follow-{node_id}")
+
+    async def _follow(self, link: PeerLink) -> None:
+        n = len(self.digests)
+        url = f"{link.url}/v1/swarm/{self.image.digest}/haves"
+        params = {"node": self.ctx.node_id, "address": self.ctx.address, "zone": self.ctx.zone}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
+        try:
+            async with self.ctx.session.get(
+                url, params=params, headers=self.ctx.headers, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    return
+                unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 24)
+                async for data in resp.content.iter_any():
+                    unpacker.feed(data)
+                    for msg in unpacker:
+                        self._on_message(link, msg, n)
+                    self.wake.set()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+            log.debug("following %s failed: %s", link.peer_id, e)
+        finally:
+            self._cancel(self.sched.remove_peer(link.peer_id))
+            if self.links.get(link.peer_id) is link:
+                # Forget it after a pause, so the tracker or a follow-back can bring it back.
+                asyncio.get_running_loop().call_later(
+                    REFOLLOW_SECONDS, self.links.pop, link.peer_id, None
+                )
+            self.wake.set()
+
+    def _on_message(self, link: PeerLink, msg: Any, n: int) -> None:
+        if not isinstance(msg, list) or not msg:
+            raise ValueError("malformed have-stream message")
+        kind = msg[0]
+        if kind == "bitfield" and len(msg) == 2 and isinstance(msg[1], bytes):
+            have = bitfield.from_bytes(msg[1], n)
+            self.sched.add_peer(link.peer_id, zone=link.zone, have=have)
+        elif kind == "have" and len(msg) == 2 and isinstance(msg[1], list):
+            for i in msg[1]:
+                if isinstance(i, int) and 0 <= i < n:
+                    self.sched.peer_has(link.peer_id, i)
+        elif kind != "ping":
+            raise ValueError(f"unknown have-stream message {kind!r}")
+
+    @property
+    def peer_count(self) -> int:
+        return sum(1 for p in self.sched.peers.values() if not p.is_seeder)
+
+    # --- chunks ----------------------------------------------------------------------------
+
+    def on_have(self, index: int) -> None:
+        """A chunk of this image was stored (by this download, or another sharing it)."""
+        if index in self.landing:
+            return  # our own fetch reports it, with its timing
+        self._cancel(self.sched.mark_have(index))
+        self.wake.set()
+
+    def _cancel(self, requests: list[Request]) -> None:
+        for r in requests:
+            task = self.tasks.pop((r.peer_id, r.index), None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
+    async def _fetch(self, req: Request) -> None:
+        key = (req.peer_id, req.index)
+        link = self.links.get(req.peer_id)
+        chunk = self.image.manifest.chunks[req.index]
+        failure: Failure | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            if link is None:
+                failure = Failure.ERROR
+                return
+            payload, encoding = await self._download(link, chunk.digest, chunk.size)
+            self.landing.add(req.index)
+            try:
+                await self.ctx.store.put(chunk.digest, payload, encoding, chunk.size)
+            finally:
+                self.landing.discard(req.index)
+            self.ctx.metrics.received(link.is_seeder, len(payload))
+            self.tasks.pop(key, None)
+            self._cancel(self.sched.on_received(req.peer_id, req.index, loop.time()))
+        except _Refused as e:
+            failure = e.failure
+        except ChunkError as e:
+            log.warning("chunk %s from %s rejected: %s", chunk.digest[:16], req.peer_id, e)
+            self.ctx.metrics.chunks_rejected.inc()
+            failure = Failure.CORRUPT
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+            log.debug("fetch %s from %s failed: %s", chunk.digest[:16], req.peer_id, e)
+            failure = Failure.ERROR
+        finally:
+            if failure is not None:
+                self.tasks.pop(key, None)
+                self.sched.on_failed(req.peer_id, req.index, failure, loop.time())
+            self.wake.set()
+
+    async def _download(self, link: PeerLink, digest: str, size: int) -> tuple[bytes, Encoding]:
+        chunk_limit = max(size, self.image.manifest.chunk_map()[digest].stored_size)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
+        url = f"{link.url}/v1/chunks/{digest}"
+        if not self.ctx.p2p:
+            url += "?direct=1"
+        async with self.ctx.session.get(url, headers=self.ctx.headers, timeout=timeout) as resp:
+            if resp.status == 503:
+                deferred = resp.headers.get(H_DEFERRED) == "1"
+                raise _Refused(Failure.DEFERRED if deferred else Failure.BUSY)
+            if resp.status == 404:
+                raise _Refused(Failure.MISSING)
+            if resp.status != 200:
+                raise _Refused(Failure.ERROR)
+            try:
+                encoding = Encoding(resp.headers.get(wire.H_ENCODING, ""))
+            except ValueError:
+                raise ChunkError("peer sent an unknown chunk encoding") from None
+            if resp.content_length is not None and resp.content_length > chunk_limit:
+                raise ChunkError(f"peer offers {resp.content_length} bytes for a smaller chunk")
+            body = bytearray()
+            async for piece in resp.content.iter_chunked(READ_SLICE):
+                await self.ctx.ingress.consume(len(piece))
+                body += piece
+                if len(body) > chunk_limit:
+                    raise ChunkError("peer sent more bytes than the chunk can hold")
+        return bytes(body), encoding
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Drive the scheduler until every chunk of the image is stored and verified."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.sched.complete:
+                self.wake.clear()
+                now = loop.time()
+                self._cancel(self.sched.expire(now))
+                for req in self.sched.next_requests(now):
+                    task = asyncio.create_task(self._fetch(req))
+                    self.tasks[(req.peer_id, req.index)] = task
+                wake_at = self.sched.next_wakeup(now)
+                timeout = None if wake_at is None else max(0.0, wake_at - loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        tasks = list(self.tasks.values())
+        tasks += [link.task for link in self.links.values() if link.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()
+
+
+class _Refused(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.value)
+        self.failure = failure

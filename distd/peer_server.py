@@ -1,0 +1,159 @@
+"""What a node serves to its neighbours: chunks, and a live stream of what it holds.
+
+`ChunkServer` answers `GET /v1/chunks/{digest}` from the store with a fixed number of
+upload slots: when they are all taken it answers 503 "busy" at once rather than
+queueing, so the asker tries another peer. The seeder and every daemon serve
+chunks through it. `HaveHub` answers
+`GET /v1/swarm/{image}/haves` with a long-lived msgpack stream: the image's
+bitfield, then every newly stored chunk index the moment it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from distd.catalog import Catalog, Image
+from distd.httpserver import ApiError, respond, send_bytes
+from distd.ratelimit import TokenBucket
+from distd.store import ChunkStore, raw_size_of
+from distd.swarm import bitfield
+from distd.swarm.superseed import SuperSeeder
+from manifests import wire
+
+log = logging.getLogger(__name__)
+
+HAVE_STREAM = "application/x-msgpack-stream"
+KEEPALIVE_SECONDS = 10.0
+H_BUSY = "X-Busy"
+H_DEFERRED = "X-Deferred"
+
+
+def _digest(request: web.Request, key: str) -> str:
+    value = request.match_info[key]
+    if not wire.is_digest(value):
+        raise ApiError(400, f"not a SHA-256 digest: {value[:80]!r}")
+    return value
+
+
+class ChunkServer:
+    """Serves chunks from the store; the seeder adds a `SuperSeeder` policy."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        *,
+        slots: int,
+        bucket: TokenBucket,
+        on_sent: Callable[[int], None] | None = None,
+        policy: SuperSeeder | None = None,
+    ) -> None:
+        self.store = store
+        self.slots = slots
+        self.bucket = bucket
+        self.on_sent = on_sent
+        self.policy = policy
+        self.active = 0
+        self.busy_answers = 0
+        self.chunks_sent = 0
+        self.bytes_sent = 0
+
+    @staticmethod
+    def _refuse(request: web.Request, header: str, message: str) -> web.Response:
+        body = {"error": message, header.removeprefix("X-").lower(): True}
+        return respond(request, body, 503, headers={header: "1", "Retry-After": "1"})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        digest = _digest(request, "digest")
+        if not self.store.has(digest):
+            raise ApiError(404, f"no chunk {digest}")
+        if self.active >= self.slots:
+            self.busy_answers += 1
+            return self._refuse(request, H_BUSY, "busy: every upload slot is taken")
+        now = asyncio.get_running_loop().time()
+        # `direct=1`: the asker has no peers to turn to (the central-distributor baseline).
+        direct = request.query.get("direct") == "1"
+        if self.policy is not None and not direct and not self.policy.admit(digest, now):
+            return self._refuse(request, H_DEFERRED, "handed out recently: get it from peers")
+        self.active += 1
+        try:
+            info, payload = await self.store.get(digest)
+            headers = {
+                wire.H_ENCODING: info.encoding.value,
+                wire.H_SIZE: str(raw_size_of(payload, info.encoding)),
+            }
+            resp = await send_bytes(request, payload, headers=headers, bucket=self.bucket)
+        except BaseException:
+            if self.policy is not None:
+                self.policy.abandoned(digest)
+            raise
+        finally:
+            self.active -= 1
+        self.chunks_sent += 1
+        self.bytes_sent += len(payload)
+        if self.on_sent is not None:
+            self.on_sent(len(payload))
+        return resp
+
+
+class HaveHub:
+    """Fans newly stored chunks out to every neighbour following an image."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        on_follower: Callable[[Image, str, str, str], None] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.on_follower = on_follower
+        self.followers: dict[str, set[asyncio.Queue[int]]] = {}
+        catalog.on_have.append(self._have)
+
+    def _have(self, image: Image, index: int) -> None:
+        for q in self.followers.get(image.digest, ()):
+            q.put_nowait(index)
+
+    @property
+    def count(self) -> int:
+        return sum(len(s) for s in self.followers.values())
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        digest = _digest(request, "image")
+        image = self.catalog.images.get(digest)
+        if image is None:
+            raise ApiError(404, f"not in the swarm of image {digest}")
+        node = request.query.get("node", "")
+        address = request.query.get("address", "")
+        if node and address and self.on_follower is not None:
+            self.on_follower(image, node, address, request.query.get("zone", ""))
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        subs = self.followers.setdefault(digest, set())
+        subs.add(queue)  # before the bitfield is sent, so no chunk falls in between
+        resp = web.StreamResponse(headers={"Content-Type": HAVE_STREAM})
+        try:
+            await resp.prepare(request)
+            n = len(image.manifest.chunks)
+            await resp.write(wire.pack(["bitfield", bitfield.to_bytes(image.have, n)]))
+            while digest in self.catalog.images:
+                try:
+                    first = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    await resp.write(wire.pack(["ping"]))
+                    continue
+                batch = [first]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                await resp.write(wire.pack(["have", batch]))
+        except ConnectionError:
+            return resp  # the follower went away
+        finally:
+            subs.discard(queue)
+            if not subs:
+                self.followers.pop(digest, None)
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+        return resp
