@@ -384,6 +384,30 @@ def markdown(steps: list[Step], notes: list[str], files: int, total: int, load: 
     return "\n".join(lines)
 
 
+def median_steps(runs: list[list[Step]]) -> list[Step]:
+    """Per step name, the run with the median throughput (a loaded machine is noisy)."""
+    names = list(dict.fromkeys(s.name for run in runs for s in run))
+    out = []
+    for name in names:
+        same = sorted((s for run in runs for s in run if s.name == name), key=lambda s: s.mb_per_s)
+        out.append(same[len(same) // 2])
+    return out
+
+
+def step_json(s: Step) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "seconds": round(s.seconds, 3),
+        "mb_per_s": round(s.mb_per_s, 1),
+        "cpu_seconds": round(s.cpu_seconds, 3),
+        "cpu_s_per_gib": round(s.cpu_s_per_gib, 3),
+        "sent_bytes": s.sent_bytes,
+        "floor_mb_per_s": s.floor_mb_per_s,
+        "ok": s.ok,
+        **(s.detail or {}),
+    }
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -396,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--size", type=parse_size, default=GIB, help="tree size (default 1GiB)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (tree, seeder data)")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="push runs, each into a fresh seeder (default 3)"
+    )
     p.add_argument("--parallel", type=int, default=4, help="uploads in flight (default 4)")
     p.add_argument("--workdir", default=None, help="where to make the temp dir")
     p.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
@@ -407,21 +434,35 @@ def main(argv: list[str] | None = None) -> int:
     load = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="p2pdist-bench-push-", dir=args.workdir))
     seeder: Seeder | None = None
+    runs: list[list[Step]] = []
+    notes = ["The tree was just written and synced: it is in the page cache (as after a build)."]
     try:
         log(f"building a {format_size(args.size)} tree in {work}/tree")
         files, total = build_tree(work / "tree", args.size)
-        seeder = start_seeder(work / "seeder-data", work / "seeder.log")
-        log(f"seeder pid {seeder.proc.pid} at {seeder.url}")
-        steps = [
-            measure_push(seeder, work / "tree", "first push", FIRST_PUSH_FLOOR_MBPS, args.parallel),
-            measure_push(seeder, work / "tree", "re-push", REPUSH_FLOOR_MBPS, args.parallel),
-        ]
-        notes = ["The tree was just written, so it is in the page cache (as after a build)."]
-        pulled = measure_pull(seeder, work, total)
-        if isinstance(pulled, str):
-            notes.append(pulled)
-        else:
-            steps.append(pulled)
+        # Flush the new tree to disk now, or its writeback competes with the seeder's
+        # fsyncs during the first push (a real tree was written long before its push).
+        os.sync()
+        for i in range(args.repeat):
+            # A fresh, empty seeder each time, so every "first push" really is one.
+            data = work / f"seeder-data-{i}"
+            seeder = start_seeder(data, work / f"seeder-{i}.log")
+            log(f"run {i + 1}/{args.repeat}: seeder pid {seeder.proc.pid} at {seeder.url}")
+            tree = work / "tree"
+            run = [
+                measure_push(seeder, tree, "first push", FIRST_PUSH_FLOOR_MBPS, args.parallel),
+                measure_push(seeder, tree, "re-push", REPUSH_FLOOR_MBPS, args.parallel),
+            ]
+            if i == args.repeat - 1:
+                pulled = measure_pull(seeder, work, total)
+                if isinstance(pulled, str):
+                    notes.append(pulled)
+                else:
+                    run.append(pulled)
+            runs.append(run)
+            seeder.stop()
+            seeder = None
+            if not args.keep:
+                shutil.rmtree(data, ignore_errors=True)
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -433,24 +474,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
+    steps = median_steps(runs)
+    if args.repeat > 1:
+        notes.append(f"Each figure is the median of {args.repeat} runs (all runs in the JSON).")
     print(markdown(steps, notes, files, total, load))
     doc = {
         "tree": {"files": files, "bytes": total, "cpus": os.cpu_count()},
         "load_average_at_start": load,
-        "steps": [
-            {
-                "name": s.name,
-                "seconds": round(s.seconds, 3),
-                "mb_per_s": round(s.mb_per_s, 1),
-                "cpu_seconds": round(s.cpu_seconds, 3),
-                "cpu_s_per_gib": round(s.cpu_s_per_gib, 3),
-                "sent_bytes": s.sent_bytes,
-                "floor_mb_per_s": s.floor_mb_per_s,
-                "ok": s.ok,
-                **(s.detail or {}),
-            }
-            for s in steps
-        ],
+        "parallel_uploads": args.parallel,
+        "steps": [step_json(s) for s in steps],
+        "runs": [[step_json(s) for s in run] for run in runs],
         "notes": notes,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
