@@ -37,7 +37,7 @@ from typing import Any
 from manifests.chunking import DEFAULT_CHUNK_SIZE
 from manifests.client import SeederClient
 from manifests.progress import Progress
-from manifests.push import PushSummary, push_tree
+from manifests.push import DEFAULT_PARALLEL_UPLOADS, PushSummary, push_tree
 from manifests.units import format_size, parse_size
 
 FIRST_PUSH_FLOOR_MBPS = 200.0
@@ -423,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeat", type=int, default=3, help="push runs, each into a fresh seeder (default 3)"
     )
-    p.add_argument("--parallel", type=int, default=4, help="uploads in flight (default 4)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULT_PARALLEL_UPLOADS,
+        help=f"uploads in flight (default {DEFAULT_PARALLEL_UPLOADS})",
+    )
     p.add_argument("--workdir", default=None, help="where to make the temp dir")
     p.add_argument("--check", action="store_true", help="exit 1 when a floor is missed")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON output path")

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from manifests.chunking import DEFAULT_CHUNK_SIZE, ChunkError
 from manifests.client import SeederClient, SeederError
 from manifests.model import Kind, Manifest, ManifestError, manifest_digest
-from manifests.push import PushError, push_tree
+from manifests.push import DEFAULT_PARALLEL_UPLOADS, PushError, push_tree
 from manifests.units import format_size, parse_size
 from manifests.validate import MAX_CHUNK_SIZE, decode_manifest
 from manifests.wire import check_name, format_labels, is_digest, parse_labels
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--parallel",
         type=_arg(_positive, "count"),
-        default=4,
+        default=DEFAULT_PARALLEL_UPLOADS,
         metavar="N",
         help="uploads in flight (default %(default)s)",
     )
@@ -286,8 +286,9 @@ def _target(args: argparse.Namespace) -> str:
 
 
 async def cmd_assign(client: SeederClient, args: argparse.Namespace) -> int:
-    await client.assign(args.name, node=args.node, selector=args.selector)
-    print(f"assigned {args.name} to {_target(args)}")
+    new = await client.assign(args.name, node=args.node, selector=args.selector)
+    already = "" if new else " (already was)"
+    print(f"assigned {args.name} to {_target(args)}{already}")
     return 0
 
 

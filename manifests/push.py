@@ -27,6 +27,9 @@ from manifests.units import format_size
 from manifests.wire import check_name
 
 MISSING_BATCH = 10_000
+# The seeder fsyncs every chunk; more requests in flight let those fsyncs share
+# journal commits. Measured here: 4 in flight ~150 MB/s first push, 8 ~195.
+DEFAULT_PARALLEL_UPLOADS = 8
 
 
 class PushError(Exception):
@@ -223,7 +226,7 @@ async def push_tree(
     name: str,
     chunk_size: int,
     *,
-    parallel_uploads: int = 4,
+    parallel_uploads: int = DEFAULT_PARALLEL_UPLOADS,
     level: int = DEFAULT_ZSTD_LEVEL,
     progress: bool = True,
 ) -> PushSummary:
