@@ -142,7 +142,12 @@ def manifests(draw: st.DrawFn) -> Manifest:
             entries.append(Entry(path, kind, mode))
             dirs.append(path)
         elif kind is Kind.SYMLINK:
-            target = draw(st.text(st.characters(blacklist_characters="\0"), min_size=1))
+            target = draw(
+                st.text(
+                    st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                    min_size=1,
+                )
+            )
             entries.append(Entry(path, kind, mode, target=target))
         else:
             chunks = tuple(draw(st.lists(st.sampled_from(digests), max_size=4)))
