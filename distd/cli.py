@@ -21,6 +21,7 @@ from distd.httpserver import install_uvloop
 from distd.materialize import DestExistsError, MaterializeError
 from distd.pull import DEFAULT_PARALLEL, PullError, PullResult, pull_image
 from distd.store import ChunkStore
+from distd.swarm.scheduler import SchedulerConfig
 from manifests import wire
 from manifests.chunking import ChunkError
 from manifests.client import SeederClient, SeederError
@@ -202,6 +203,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
     )
     opt(
+        "max-inflight",
+        "chunk requests in flight for one image, over all peers",
+        "16",
+        type=_positive_int,
+        metavar="N",
+    )
+    opt(
+        "per-peer-inflight",
+        "chunk requests in flight to one peer",
+        "2",
+        type=_positive_int,
+        metavar="N",
+    )
+    opt(
         "announce-interval",
         "seconds between tracker announces",
         "5",
@@ -242,6 +257,12 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         gc_grace=args.gc_grace,
         p2p=not args.no_p2p,
         announce_interval=args.announce_interval,
+        scheduler=SchedulerConfig(
+            per_peer_inflight=args.per_peer_inflight,
+            per_seeder_inflight=min(2, args.per_peer_inflight),
+            max_inflight=args.max_inflight,
+            my_zone=args.zone,
+        ),
     )
     install_uvloop()
     try:

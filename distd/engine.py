@@ -175,6 +175,13 @@ class SwarmDownload:
             finally:
                 self.landing.discard(req.index)
             self.ctx.metrics.received(link.is_seeder, len(payload))
+            log.debug(
+                "chunk %d from %s: %d bytes in %.3fs",
+                req.index,
+                req.peer_id,
+                len(payload),
+                loop.time() - req.sent,
+            )
             self.tasks.pop(key, None)
             self._cancel(self.sched.on_received(req.peer_id, req.index, loop.time()))
         except _Refused as e:

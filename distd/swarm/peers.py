@@ -23,8 +23,8 @@ class Failure(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Penalties:
-    busy_backoff: float = 0.2
-    max_busy_backoff: float = 3.0
+    busy_backoff: float = 0.05
+    max_busy_backoff: float = 1.0
     defer_seconds: float = 2.0
     error_backoff: float = 0.5
     max_backoff: float = 30.0
