@@ -35,9 +35,9 @@ from types import FrameType
 from typing import Any
 
 from manifests.chunking import DEFAULT_CHUNK_SIZE
-from manifests.client import SeederClient
+from manifests.client import SeederClient, SeederError
 from manifests.progress import Progress
-from manifests.push import DEFAULT_PARALLEL_UPLOADS, PushSummary, push_tree
+from manifests.push import DEFAULT_PARALLEL_UPLOADS, PushError, PushSummary, push_tree
 from manifests.units import format_size, parse_size
 
 FIRST_PUSH_FLOOR_MBPS = 200.0
@@ -179,10 +179,14 @@ def _free_port() -> int:
         return port
 
 
-def _command(name: str) -> list[str]:
-    """The project's console script beside this interpreter, or its module as a fallback."""
+def _command(name: str, via_module: bool = False) -> list[str]:
+    """The project's console script beside this interpreter, or its module.
+
+    `via_module` gives a command line without "<name> run" in it, so that cleanup by
+    name pattern elsewhere on a shared machine (pkill -f "seeder run") spares us.
+    """
     script = Path(sys.executable).parent / name
-    if script.exists():
+    if script.exists() and not via_module:
         return [str(script)]
     return [sys.executable, "-c", f"import sys; from {name}.cli import main; sys.exit(main())"]
 
@@ -220,6 +224,7 @@ class Seeder:
     proc: subprocess.Popen[bytes]
     url: str
     token: str
+    log_path: Path
 
     def cpu(self) -> float:
         return _proc_cpu(self.proc.pid)
@@ -238,7 +243,7 @@ def start_seeder(data_dir: Path, log_path: Path) -> Seeder:
     port = _free_port()
     token = secrets.token_hex(16)
     cmd = [
-        *_command("seeder"),
+        *_command("seeder", via_module=True),
         "run",
         "--listen",
         f"127.0.0.1:{port}",
@@ -246,6 +251,10 @@ def start_seeder(data_dir: Path, log_path: Path) -> Seeder:
         str(data_dir),
         "--push-token",
         token,
+        # One puller, and no swarm to protect: let it fetch as fast as it can.
+        "--upload-slots",
+        "64",
+        "--no-superseed",
     ]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
@@ -256,7 +265,7 @@ def start_seeder(data_dir: Path, log_path: Path) -> Seeder:
             start_new_session=True,  # Ctrl-C reaches us; we stop it in order
             preexec_fn=_die_with_parent,
         )
-    seeder = Seeder(proc, f"http://127.0.0.1:{port}", token)
+    seeder = Seeder(proc, f"http://127.0.0.1:{port}", token, log_path)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -471,6 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted")
         return 130
+    except (SeederError, PushError, RuntimeError) as e:
+        log(f"failed: {e}")
+        if seeder is not None:
+            code = seeder.proc.poll()
+            state = "running" if code is None else f"exited with {code}"
+            tail = seeder.log_path.read_text(errors="replace").splitlines()[-5:]
+            log(f"seeder {state}; its log ends:\n" + "\n".join(tail))
+        return 1
     finally:
         if seeder is not None:
             seeder.stop()

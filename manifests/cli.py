@@ -150,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for cmd, verb in (("assign", "assign NAME to"), ("unassign", "remove an assignment of")):
         a = sub.add_parser(cmd, help=f"{verb} a node or a label selector")
-        a.add_argument("name", metavar="NAME", type=_arg(check_name, "name"))
+        a.add_argument("name", metavar="NAME", type=_arg(check_name, "name"), help="team/app:tag")
         target = a.add_mutually_exclusive_group(required=True)
-        target.add_argument("--node", metavar="ID", type=_arg(_node, "node"))
+        target.add_argument("--node", metavar="ID", type=_arg(_node, "node"), help="one node id")
         target.add_argument(
             "--selector",
             metavar="SEL",
@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         "assignments",
         help="list assignment rules, or with --node what that node must hold",
     )
-    asg.add_argument("--node", metavar="ID", type=_arg(_node, "node"))
+    asg.add_argument(
+        "--node", metavar="ID", type=_arg(_node, "node"), help="resolve what this node must hold"
+    )
     asg.add_argument(
         "--labels",
         metavar="SEL",
