@@ -184,7 +184,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     opt(
         "upload-slots",
         "chunk uploads served at once before answering busy",
-        "4",
+        "2",
         type=_positive_int,
         metavar="N",
     )
@@ -205,14 +205,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     opt(
         "max-inflight",
         "chunk requests in flight for one image, over all peers",
-        "16",
+        "2",
         type=_positive_int,
         metavar="N",
     )
     opt(
         "per-peer-inflight",
         "chunk requests in flight to one peer",
-        "2",
+        "1",
         type=_positive_int,
         metavar="N",
     )
@@ -259,7 +259,7 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         announce_interval=args.announce_interval,
         scheduler=SchedulerConfig(
             per_peer_inflight=args.per_peer_inflight,
-            per_seeder_inflight=min(2, args.per_peer_inflight),
+            per_seeder_inflight=args.per_peer_inflight,
             max_inflight=args.max_inflight,
             my_zone=args.zone,
         ),

@@ -50,7 +50,7 @@ class DaemonConfig:
     zone: str = ""
     max_upload_rate: int | None = None
     max_download_rate: int | None = None
-    upload_slots: int = 4
+    upload_slots: int = 2
     cache_max_bytes: int = 0
     gc_grace: float = 60.0
     p2p: bool = True

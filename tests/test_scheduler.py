@@ -131,7 +131,10 @@ def test_invariants_hold_and_every_available_chunk_arrives(
 
 
 def test_seeder_is_asked_only_for_what_no_neighbour_holds() -> None:
-    sched = Scheduler([100] * 8, config=SchedulerConfig(per_peer_inflight=8, max_inflight=32))
+    sched = Scheduler(
+        [100] * 8,
+        config=SchedulerConfig(per_peer_inflight=8, per_seeder_inflight=2, max_inflight=32),
+    )
     sched.add_peer("seed", is_seeder=True, have=bitfield.full(8))
     sched.add_peer("a", have=0b00001111)
     reqs = sched.next_requests(0.0)
@@ -211,7 +214,7 @@ def test_timeouts_are_returned_for_cancelling_and_retried() -> None:
 
 
 def test_peer_leaving_returns_its_requests() -> None:
-    sched = Scheduler([10] * 3, config=SchedulerConfig(per_peer_inflight=3))
+    sched = Scheduler([10] * 3, config=SchedulerConfig(per_peer_inflight=3, max_inflight=3))
     sched.add_peer("a", have=0b111)
     reqs = sched.next_requests(0.0)
     assert len(sched.remove_peer("a")) == len(reqs) == 3

@@ -1,0 +1,442 @@
+"""Swarm simulator: the daemon's own scheduling classes driven by a bandwidth model.
+
+Every node runs the real `distd.swarm.scheduler.Scheduler`; the seeder runs the real
+`SuperSeeder`; membership comes from the real `seeder.tracker.Tracker`. Only the
+network is modelled, at flow level: a transfer's rate is the smaller of its
+uploader's cap shared by that uploader's transfers and its downloader's cap shared
+likewise, recomputed whenever a transfer starts or ends at either end. A chunk
+becomes servable once wholly received; every message costs one `latency`.
+
+    python -m bench.sim --nodes 1000 --size 256MiB --rate 10MiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distd.swarm.peers import Failure
+from distd.swarm.picker import RarestFirst
+from distd.swarm.scheduler import Request, Scheduler, SchedulerConfig
+from distd.swarm.superseed import SuperSeeder
+from manifests.units import parse_rate, parse_size
+from seeder.tracker import Tracker
+
+SEEDER = "seeder"
+
+
+@dataclass(eq=False)
+class Flow:
+    src: SimNode
+    dst: SimNode
+    index: int
+    left: float
+    rate: float = 0.0
+    updated: float = 0.0
+    version: int = 0
+    done: bool = False
+
+
+@dataclass(eq=False)
+class SimNode:
+    node_id: str
+    up: float
+    down: float
+    slots: int
+    zone: str = ""
+    sched: Scheduler | None = None
+    ups: set[Flow] = field(default_factory=set)
+    downs: dict[tuple[str, int], Flow] = field(default_factory=dict)
+    followers: set[str] = field(default_factory=set)
+    following: set[str] = field(default_factory=set)
+    joined: float = 0.0
+    finished: float | None = None
+    wake_at: float = math.inf
+    received_from_seeder: float = 0.0
+    received_from_peers: float = 0.0
+
+
+@dataclass
+class SimConfig:
+    nodes: int = 16
+    size: int = 256 << 20
+    chunk_size: int = 4 << 20
+    rate: float = 10 << 20
+    seeder_rate: float | None = None
+    latency: float = 0.0005
+    upload_slots: int = 2
+    seeder_slots: int = 2
+    max_inflight: int = 2
+    per_peer_inflight: int = 1
+    sample: int = 30
+    announce_interval: float = 5.0
+    superseed: bool = True
+    p2p: bool = True
+    picker_sample: int | None = None
+    slow_fraction: float = 0.0  # share of nodes at half rate
+    late_fraction: float = 0.0  # share of nodes that join late
+    late_at: float = 0.0
+    seed: int = 1
+
+
+class Simulation:
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        n_chunks = max(1, math.ceil(cfg.size / cfg.chunk_size))
+        self.sizes = [cfg.chunk_size] * n_chunks
+        self.sizes[-1] = cfg.size - cfg.chunk_size * (n_chunks - 1)
+        self.now = 0.0
+        self.events: list[tuple[float, int, Callable[[], None]]] = []
+        self.seq = 0
+        self.tracker = Tracker(ttl=cfg.announce_interval * 3, sample=cfg.sample, rng=self.rng)
+        seeder_rate = cfg.seeder_rate or cfg.rate
+        self.seeder = SimNode(SEEDER, seeder_rate, seeder_rate, cfg.seeder_slots)
+        self.policy = SuperSeeder() if cfg.superseed else None
+        self.nodes: dict[str, SimNode] = {SEEDER: self.seeder}
+        self.sched_config = SchedulerConfig(
+            per_peer_inflight=cfg.per_peer_inflight,
+            per_seeder_inflight=cfg.per_peer_inflight,
+            max_inflight=cfg.max_inflight,
+        )
+        self.seeder_sent = 0.0
+        self.finished = 0
+        self.busy = 0
+        self.deferred = 0
+        for i in range(cfg.nodes):
+            slow = i < cfg.nodes * cfg.slow_fraction
+            rate = cfg.rate / 2 if slow else cfg.rate
+            node = SimNode(f"n{i}", rate, rate, cfg.upload_slots, zone="ab"[i % 2])
+            late = i >= cfg.nodes * (1 - cfg.late_fraction)
+            node.joined = cfg.late_at if late else 0.0
+            self.nodes[node.node_id] = node
+            self.at(node.joined, self._joiner(node))
+
+    # --- event plumbing ----------------------------------------------------------------
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, fn))
+
+    def run(self, progress: Callable[[int, int, float], None] | None = None) -> None:
+        total = len(self.nodes) - 1
+        last_report = time.monotonic()
+        while self.events and self.finished < total:
+            t, _, fn = heapq.heappop(self.events)
+            self.now = t
+            fn()
+            if progress is not None and time.monotonic() - last_report > 1:
+                progress(self.finished, total, self.now)
+                last_report = time.monotonic()
+        if self.finished < total:
+            stuck = [n.node_id for n in self.nodes.values() if n.finished is None][:5]
+            raise RuntimeError(f"simulation stalled at t={self.now:.1f}s; unfinished: {stuck}")
+
+    # --- membership ----------------------------------------------------------------------
+
+    def _joiner(self, node: SimNode) -> Callable[[], None]:
+        return lambda: self.join(node)
+
+    def join(self, node: SimNode) -> None:
+        node.sched = Scheduler(
+            self.sizes,
+            config=self.sched_config,
+            picker=RarestFirst(sample=self.cfg.picker_sample),
+            rng=self.rng,
+        )
+        node.sched.add_peer(SEEDER, is_seeder=True, have=(1 << len(self.sizes)) - 1)
+        self.announce(node)
+
+    def announce(self, node: SimNode) -> None:
+        if node.finished is not None:
+            return
+        assert node.sched is not None
+        if self.cfg.p2p:
+            members = self.tracker.announce(
+                "img", node.node_id, node.node_id, zone=node.zone, now=self.now
+            )
+            for m in members:
+                self.follow(node, self.nodes[m.node_id])
+        self.drive(node)
+        self.at(self.now + self.cfg.announce_interval, lambda: self.announce(node))
+
+    def follow(self, node: SimNode, peer: SimNode) -> None:
+        """`node` subscribes to `peer`'s haves; the peer follows back (as HaveHub does)."""
+        if peer.node_id in node.following or peer is node:
+            return
+        node.following.add(peer.node_id)
+        peer.followers.add(node.node_id)
+
+        def bitfield_arrives() -> None:
+            assert node.sched is not None
+            if peer.sched is not None and node.finished is None:
+                node.sched.add_peer(peer.node_id, zone=peer.zone, have=peer.sched.have)
+                self.drive(node)
+
+        self.at(self.now + self.cfg.latency, bitfield_arrives)
+        if peer.finished is None and peer.sched is not None:
+            self.follow(peer, node)
+
+    # --- the scheduler loop of one node ----------------------------------------------------
+
+    def drive(self, node: SimNode) -> None:
+        sched = node.sched
+        if sched is None or node.finished is not None:
+            return
+        for r in sched.expire(self.now):
+            self.cancel(node, r)
+        for r in sched.next_requests(self.now):
+            self.request(node, r)
+        wake = sched.next_wakeup(self.now)
+        if wake is not None and wake < node.wake_at:
+            node.wake_at = wake
+
+            def woken() -> None:
+                if node.wake_at == wake:
+                    node.wake_at = math.inf
+                    self.drive(node)
+
+            self.at(wake, woken)
+
+    def request(self, node: SimNode, r: Request) -> None:
+        src = self.nodes[r.peer_id]
+        lat = self.cfg.latency
+
+        def arrives() -> None:
+            if (r.peer_id, r.index) not in node.downs and not self.pending(node, r):
+                return  # cancelled on the way
+            if len(src.ups) >= src.slots:
+                self.busy += 1
+                self.at(self.now + lat, lambda: self.fail(node, r, Failure.BUSY))
+                return
+            if src is self.seeder and self.policy is not None:
+                digest = str(r.index)
+                if not self.policy.admit(digest, self.now):
+                    self.deferred += 1
+                    self.at(self.now + lat, lambda: self.fail(node, r, Failure.DEFERRED))
+                    return
+            flow = Flow(src, node, r.index, float(self.sizes[r.index]), updated=self.now)
+            src.ups.add(flow)
+            node.downs[(r.peer_id, r.index)] = flow
+            self.reshare(src, node)
+
+        self.at(self.now + lat, arrives)
+
+    def pending(self, node: SimNode, r: Request) -> bool:
+        assert node.sched is not None
+        return r.peer_id in node.sched.pending.get(r.index, {})
+
+    def fail(self, node: SimNode, r: Request, reason: Failure) -> None:
+        assert node.sched is not None
+        if self.pending(node, r) and node.finished is None:
+            node.sched.on_failed(r.peer_id, r.index, reason, self.now)
+            self.drive(node)
+
+    def cancel(self, node: SimNode, r: Request) -> None:
+        flow = node.downs.pop((r.peer_id, r.index), None)
+        if flow is not None and not flow.done:
+            flow.done = True
+            flow.src.ups.discard(flow)
+            if flow.src is self.seeder and self.policy is not None:
+                self.policy.abandoned(str(flow.index))
+            self.reshare(flow.src, node)
+
+    # --- bandwidth -----------------------------------------------------------------------
+
+    def reshare(self, *ends: SimNode) -> None:
+        """Recompute the rates of every flow touching these nodes."""
+        flows: set[Flow] = set()
+        for n in ends:
+            flows.update(n.ups)
+            flows.update(n.downs.values())
+        for f in flows:
+            if f.done:
+                continue
+            f.left -= f.rate * (self.now - f.updated)
+            f.updated = self.now
+            f.rate = min(f.src.up / len(f.src.ups), f.dst.down / len(f.dst.downs))
+            f.version += 1
+            eta = self.now + max(0.0, f.left) / f.rate
+            version = f.version
+            self.at(eta, self._completer(f, version))
+
+    def _completer(self, f: Flow, version: int) -> Callable[[], None]:
+        return lambda: self.complete(f, version)
+
+    def complete(self, f: Flow, version: int) -> None:
+        if f.done or f.version != version:
+            return
+        f.done = True
+        src, dst = f.src, f.dst
+        src.ups.discard(f)
+        dst.downs.pop((src.node_id, f.index), None)
+        self.reshare(src, dst)
+        size = self.sizes[f.index]
+        if src is self.seeder:
+            self.seeder_sent += size
+            dst.received_from_seeder += size
+        else:
+            dst.received_from_peers += size
+        lat = self.cfg.latency
+
+        def lands() -> None:
+            sched = dst.sched
+            assert sched is not None
+            if dst.finished is not None:
+                return
+            for r in sched.on_received(src.node_id, f.index, self.now):
+                self.cancel(dst, r)
+            if sched.complete:
+                dst.finished = self.now
+                self.finished += 1
+                for key in list(dst.downs):
+                    self.cancel(dst, Request(key[0], key[1], 0, 0))
+            for fid in dst.followers:
+                self.at(self.now + lat, self._haver(self.nodes[fid], dst, f.index))
+            self.drive(dst)
+
+        self.at(self.now + lat, lands)
+
+    def _haver(self, node: SimNode, peer: SimNode, index: int) -> Callable[[], None]:
+        return lambda: self.have(node, peer, index)
+
+    def have(self, node: SimNode, peer: SimNode, index: int) -> None:
+        sched = node.sched
+        if sched is None or node.finished is not None:
+            return
+        sched.peer_has(peer.node_id, index)
+        # Only a node with room for another request can act on the news.
+        if sched.inflight < self.sched_config.max_inflight and not (sched.have >> index) & 1:
+            self.drive(node)
+
+    # --- results -------------------------------------------------------------------------
+
+    def bound(self) -> float:
+        """T_min = max(S/B_down, S/B_seed, N*S/(B_seed + N*B_up)) (Kumar & Ross)."""
+        cfg = self.cfg
+        nodes = [n for n in self.nodes.values() if n is not self.seeder]
+        b_down = min(n.down for n in nodes)
+        b_up = sum(n.up for n in nodes) / len(nodes)
+        n = len(nodes)
+        s = cfg.size
+        return max(s / b_down, s / self.seeder.up, n * s / (self.seeder.up + n * b_up))
+
+    def summary(self) -> dict[str, Any]:
+        nodes = [n for n in self.nodes.values() if n is not self.seeder]
+        times = sorted((n.finished or math.inf) - n.joined for n in nodes)
+        t_min = self.bound()
+
+        def pct(p: float) -> float:
+            return times[min(len(times) - 1, int(p * len(times)))]
+
+        peers = sum(n.received_from_peers for n in nodes)
+        seeder = sum(n.received_from_seeder for n in nodes)
+        return {
+            "nodes": len(nodes),
+            "size": self.cfg.size,
+            "chunks": len(self.sizes),
+            "rate": self.cfg.rate,
+            "t_min": t_min,
+            "p50": pct(0.5),
+            "p90": pct(0.9),
+            "max": times[-1],
+            "p50_ratio": pct(0.5) / t_min,
+            "p90_ratio": pct(0.9) / t_min,
+            "max_ratio": times[-1] / t_min,
+            "seeder_sent_over_s": self.seeder_sent / self.cfg.size,
+            "peer_share": peers / max(1.0, peers + seeder),
+            "busy_answers": self.busy,
+            "deferred_answers": self.deferred,
+        }
+
+
+def simulate(cfg: SimConfig, progress: bool = False) -> dict[str, Any]:
+    sim = Simulation(cfg)
+    started = time.monotonic()
+
+    def report(done: int, total: int, t: float) -> None:
+        print(f"\r  sim: {done}/{total} nodes done, t={t:.1f}s", end="", file=sys.stderr)
+
+    sim.run(report if progress and sys.stderr.isatty() else None)
+    if progress and sys.stderr.isatty():
+        print(file=sys.stderr)
+    out = sim.summary()
+    out["wall_seconds"] = time.monotonic() - started
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.sim",
+        description="Simulate a fan-out with the daemon's scheduling code and a flow-level "
+        "bandwidth model; prints p50/p90/max completion as multiples of T_min.",
+    )
+    p.add_argument("--nodes", type=int, nargs="+", default=[16, 100, 1000])
+    p.add_argument("--size", type=parse_size, default=256 << 20)
+    p.add_argument("--chunk-size", type=parse_size, default=4 << 20)
+    p.add_argument("--rate", type=parse_rate, default=10 << 20, help="every node's up/down cap")
+    p.add_argument("--seeder-rate", type=parse_rate, default=None, help="default: --rate")
+    p.add_argument("--latency", type=float, default=0.0005, help="seconds per message")
+    p.add_argument("--upload-slots", type=int, default=2)
+    p.add_argument("--seeder-slots", type=int, default=2)
+    p.add_argument("--max-inflight", type=int, default=2)
+    p.add_argument("--per-peer-inflight", type=int, default=1)
+    p.add_argument("--no-superseed", action="store_true")
+    p.add_argument("--no-p2p", action="store_true", help="central-distributor baseline")
+    p.add_argument("--picker-sample", type=int, default=None)
+    p.add_argument("--slow-fraction", type=float, default=0.0)
+    p.add_argument("--late-fraction", type=float, default=0.0)
+    p.add_argument("--late-at", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    args = p.parse_args(argv)
+    results = []
+    columns = ["nodes", "chunks", "T_min s", "p50/T_min", "p90/T_min", "max/T_min"]
+    columns += ["seeder/S", "peers", "wall s"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in args.nodes:
+        cfg = SimConfig(
+            nodes=n,
+            size=args.size,
+            chunk_size=args.chunk_size,
+            rate=args.rate,
+            seeder_rate=args.seeder_rate,
+            latency=args.latency,
+            upload_slots=args.upload_slots,
+            seeder_slots=args.seeder_slots,
+            max_inflight=args.max_inflight,
+            per_peer_inflight=args.per_peer_inflight,
+            superseed=not args.no_superseed,
+            p2p=not args.no_p2p,
+            picker_sample=args.picker_sample,
+            slow_fraction=args.slow_fraction,
+            late_fraction=args.late_fraction,
+            late_at=args.late_at,
+            seed=args.seed,
+        )
+        r = simulate(cfg, progress=True)
+        results.append(r)
+        print(
+            f"| {n} | {r['chunks']} | {r['t_min']:.1f} | {r['p50_ratio']:.3f} | "
+            f"{r['p90_ratio']:.3f} | {r['max_ratio']:.3f} | {r['seeder_sent_over_s']:.2f} | "
+            f"{r['peer_share']:.0%} | {r['wall_seconds']:.1f} |",
+            flush=True,
+        )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
