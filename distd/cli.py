@@ -1,4 +1,4 @@
-"""The `distd` command: `distd pull` now, `distd run` (the node daemon) next.
+"""The `distd` command: `distd pull` (one image, through the swarm) and `distd run` (the daemon).
 
 Flags that describe the node rather than one invocation (seeder, data dir,
 parallelism) also come from `DISTD_<FLAG>` environment variables. Exit codes:
@@ -22,6 +22,13 @@ from distd.materialize import DestExistsError, MaterializeError
 from distd.pull import DEFAULT_PARALLEL, PullError, PullResult, pull_image
 from distd.store import ChunkStore
 from distd.swarm.scheduler import SchedulerConfig
+from distd.swarm_pull import (
+    DEFAULT_ANNOUNCE_INTERVAL,
+    DEFAULT_STALL_TIMEOUT,
+    SwarmPull,
+    SwarmPullConfig,
+    default_node_id,
+)
 from manifests import wire
 from manifests.chunking import ChunkError
 from manifests.client import SeederClient, SeederError
@@ -50,14 +57,18 @@ def _positive_int(text: str) -> int:
 # -- distd pull ---------------------------------------------------------------
 
 
-def _summary(name: str, r: PullResult) -> str:
+def _summary(name: str, r: PullResult, p2p: bool = True) -> str:
     secs = max(r.seconds, 1e-9)
     files = sum(1 for e in r.manifest.entries if e.kind is Kind.FILE)
+    peers = ""
+    if p2p:
+        share = r.fetch.bytes_from_peers / r.fetch.bytes_fetched if r.fetch.bytes_fetched else 0
+        peers = f"{format_size(r.fetch.bytes_from_peers)} from peers ({share:.0%}), "
     return (
         f"pulled {name} ({r.digest[:12]}) into {r.dest}: "
         f"{format_size(r.bytes_total)} in {files} files, "
         f"{r.fetch.chunks_fetched} chunks fetched ({format_size(r.fetch.bytes_fetched)}), "
-        f"{r.fetch.chunks_held} already held, "
+        f"{r.fetch.chunks_held} already held, {peers}"
         f"{r.seconds:.1f} s, {r.bytes_total / secs / 1e6:.1f} MB/s"
     )
 
@@ -65,15 +76,35 @@ def _summary(name: str, r: PullResult) -> str:
 async def _pull(args: argparse.Namespace) -> PullResult:
     store = await asyncio.to_thread(ChunkStore, args.data_dir)
     progress = Progress if sys.stderr.isatty() else None
-    async with SeederClient(args.seeder) as seeder:
+    if args.no_p2p:
+        async with SeederClient(args.seeder) as seeder:
+            return await pull_image(
+                seeder,
+                args.name,
+                store,
+                args.dest,
+                args.replace,
+                progress,
+                parallel=args.parallel or DEFAULT_PARALLEL,
+            )
+    scheduler = SchedulerConfig(my_zone=args.zone)
+    if args.parallel:
+        scheduler = SchedulerConfig(my_zone=args.zone, max_inflight=args.parallel)
+    config = SwarmPullConfig(
+        seeder=args.seeder,
+        node_id=args.node_id,
+        listen=args.listen,
+        advertise=args.advertise,
+        zone=args.zone,
+        max_upload_rate=args.max_upload_rate,
+        max_download_rate=args.max_download_rate,
+        announce_interval=args.announce_interval,
+        stall_timeout=args.stall_timeout,
+        scheduler=scheduler,
+    )
+    async with SwarmPull(config, store, args.data_dir) as swarm:
         return await pull_image(
-            seeder,
-            args.name,
-            store,
-            args.dest,
-            args.replace,
-            progress,
-            parallel=args.parallel,
+            swarm.client, args.name, store, args.dest, args.replace, progress, fill=swarm.fill
         )
 
 
@@ -97,8 +128,67 @@ def cmd_pull(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         return _fail(f"{where}{e.strerror or e}")
-    print(_summary(args.name, result), flush=True)
+    print(_summary(args.name, result, p2p=not args.no_p2p), flush=True)
     return 0
+
+
+def add_pull_swarm_arguments(p: argparse.ArgumentParser) -> None:
+    """How `distd pull` takes part in the swarm while it pulls."""
+    env = os.environ
+    p.add_argument(
+        "--no-p2p",
+        action="store_true",
+        default=env.get("DISTD_NO_P2P", "") not in ("", "0", "false"),
+        help="pull from the seeder only, serving nobody (env DISTD_NO_P2P)",
+    )
+    p.add_argument(
+        "--listen",
+        type=_typed(_host_port, "HOST:PORT"),
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where to serve held chunks to peers while pulling (default 127.0.0.1:0, "
+        "any free port)",
+    )
+    p.add_argument(
+        "--advertise",
+        default="",
+        metavar="HOST:PORT",
+        help="host:port peers reach this pull on (default: the bound --listen address)",
+    )
+    p.add_argument(
+        "--node-id",
+        default=default_node_id(),
+        metavar="ID",
+        help="id in the image's swarm (default: HOST-pull-PID, apart from a daemon's)",
+    )
+    p.add_argument(
+        "--zone",
+        default=env.get("DISTD_ZONE", ""),
+        metavar="Z",
+        help="this node's zone; same-zone peers are preferred (env DISTD_ZONE)",
+    )
+    for flag, what in (("upload", "chunks served to peers"), ("download", "chunks fetched")):
+        p.add_argument(
+            f"--max-{flag}-rate",
+            type=_typed(parse_rate, "a rate"),
+            default=env.get(f"DISTD_MAX_{flag.upper()}_RATE"),
+            metavar="RATE",
+            help=f"cap on {what}, e.g. 20MiB or 160Mbit (env DISTD_MAX_{flag.upper()}_RATE)",
+        )
+    p.add_argument(
+        "--announce-interval",
+        type=_typed(float, "seconds"),
+        default=str(DEFAULT_ANNOUNCE_INTERVAL),
+        metavar="SECONDS",
+        help=f"seconds between tracker announces (default {DEFAULT_ANNOUNCE_INTERVAL:g})",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=_typed(float, "seconds"),
+        default=str(DEFAULT_STALL_TIMEOUT),
+        metavar="SECONDS",
+        help=f"give up when no chunk arrives for this long (default {DEFAULT_STALL_TIMEOUT:g})",
+    )
 
 
 # -- distd run -------------------------------------------------------------------
@@ -310,10 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--parallel",
         type=_positive_int,
-        default=env.get("DISTD_PARALLEL", str(DEFAULT_PARALLEL)),  # argparse applies `type`
+        default=env.get("DISTD_PARALLEL"),  # argparse applies `type`
         metavar="N",
-        help=f"chunk downloads in flight (env DISTD_PARALLEL; default {DEFAULT_PARALLEL})",
+        help="chunk downloads in flight (env DISTD_PARALLEL; default "
+        f"{DEFAULT_PARALLEL} from the seeder alone, {SchedulerConfig().max_inflight} "
+        "through the swarm)",
     )
+    add_pull_swarm_arguments(pull)
     pull.set_defaults(func=cmd_pull, parser=pull)
 
     run = sub.add_parser(

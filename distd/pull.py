@@ -1,9 +1,10 @@
 """The download loop of `distd pull`: fetch what the store lacks, then materialize.
 
-Kept apart from the materializer because the swarm engine replaces the source of
-chunks (today the seeder, next the peers the sans-IO scheduler picks) while the
-rest stays. Nothing here trusts the source: the manifest is decoded as hostile
-before anything is written, and every chunk is verified by the store on `put`.
+Kept apart from the materializer because the source of chunks varies while the
+rest stays: `pull_image` takes a `Fill` step, by default the seeder alone
+(`fetch_chunks`, the `--no-p2p` path), or the swarm (`distd.swarm_pull`). Nothing
+here trusts the source: the manifest is decoded as hostile before anything is
+written, and every chunk is verified by the store on `put`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +29,7 @@ from distd.materialize import (
 )
 from distd.store import ChunkStore
 from manifests.chunking import ChunkError, decode_chunk
+from manifests.client import SeederError
 from manifests.model import Encoding, Manifest, manifest_digest
 from manifests.validate import decode_manifest
 
@@ -34,6 +37,11 @@ DEFAULT_PARALLEL = 4
 DEFAULT_RETRIES = 3
 DEFAULT_WORKERS = 2
 SCRUB_ATTEMPTS = 3
+# A seeder whose upload slots are all taken answers 503 at once; we come back after a
+# short jittered, doubling pause, and give up on a chunk only after this long.
+BUSY_BACKOFF = 0.05
+MAX_BUSY_BACKOFF = 1.0
+BUSY_GIVE_UP = 120.0
 
 
 class PullError(Exception):
@@ -53,7 +61,9 @@ class ImageSource(Protocol):
 
     async def get_manifest(self, digest: str) -> bytes: ...
 
-    async def get_chunk(self, digest: str) -> tuple[Encoding, int, bytes]: ...
+    async def get_chunk(self, digest: str, *, direct: bool = False) -> tuple[Encoding, int, bytes]:
+        """`direct`: no peers to turn to, so the seeder must not defer us to them."""
+        ...
 
 
 class ProgressSink(Protocol):
@@ -73,6 +83,20 @@ class FetchStats:
     chunks_held: int = 0
     bytes_fetched: int = 0  # stored (possibly compressed) bytes received
     rejected: int = 0  # payloads that failed verification and were fetched again
+    bytes_from_peers: int = 0  # of bytes_fetched, those that came from peers, not the seeder
+
+    def add(self, more: FetchStats) -> None:
+        """Fold in a later fetch of the same image (after a scrub found rotten chunks)."""
+        self.chunks_fetched += more.chunks_fetched
+        self.chunks_held -= more.chunks_fetched
+        self.bytes_fetched += more.bytes_fetched
+        self.rejected += more.rejected
+        self.bytes_from_peers += more.bytes_from_peers
+
+
+# Fill the store with every chunk of (manifest, its digest) it lacks; `on_bytes` hears the
+# stored size of each chunk as it lands. `fetch_chunks` from the seeder is the default.
+Fill = Callable[[Manifest, str, Callable[[int], None] | None], Awaitable[FetchStats]]
 
 
 @dataclass
@@ -89,14 +113,39 @@ class PullResult:
 
 
 class SourceFetcher:
-    """Adapts `ImageSource.get_chunk` to `ChunkFetcher`, refusing a wrong declared size."""
+    """Adapts `ImageSource.get_chunk` to `ChunkFetcher`, refusing a wrong declared size.
 
-    def __init__(self, source: ImageSource, sizes: Mapping[str, int]) -> None:
+    The seeder is asked `direct` (we have no peers) and a "busy" answer is retried
+    after a pause, for up to `give_up` seconds per chunk.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        sizes: Mapping[str, int],
+        *,
+        give_up: float = BUSY_GIVE_UP,
+        rng: random.Random | None = None,
+    ) -> None:
         self.source = source
         self.sizes = sizes
+        self.give_up = give_up
+        self.rng = rng or random.Random()
+
+    async def _get(self, digest: str) -> tuple[Encoding, int, bytes]:
+        deadline = time.monotonic() + self.give_up
+        pause = BUSY_BACKOFF
+        while True:
+            try:
+                return await self.source.get_chunk(digest, direct=True)
+            except SeederError as e:
+                if e.status != 503 or time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause * (1 + self.rng.random()))
+            pause = min(MAX_BUSY_BACKOFF, pause * 2)
 
     async def fetch(self, digest: str) -> tuple[Encoding, bytes]:
-        encoding, size, payload = await self.source.get_chunk(digest)
+        encoding, size, payload = await self._get(digest)
         expected = self.sizes.get(digest)
         if expected is not None and size != expected:
             raise ChunkError(
@@ -256,11 +305,13 @@ async def pull_image(
     *,
     parallel: int = DEFAULT_PARALLEL,
     workers: int = DEFAULT_WORKERS,
+    fill: Fill | None = None,
 ) -> PullResult:
     """Resolve, fetch and verify the manifest, fetch missing chunks, materialize at `dest`.
 
-    A manifest that fails validation raises `ManifestError` before anything is
-    written to the store or to `dest`.
+    Chunks come from `fill` (e.g. `distd.swarm_pull.SwarmPull.fill`), by default from
+    the seeder alone, `parallel` at a time. A manifest that fails validation raises
+    `ManifestError` before anything is written to the store or to `dest`.
     """
     start = time.monotonic()
     dest = Path(os.path.abspath(dest))
@@ -272,8 +323,16 @@ async def pull_image(
         raise PullError(f"manifest bytes do not match digest {digest}")
     manifest = await asyncio.to_thread(decode_manifest, data)
 
-    fetcher = SourceFetcher(seeder, {c.digest: c.size for c in manifest.chunks})
-    stats = await _fetch_with_progress(manifest, store, fetcher, parallel, progress)
+    if fill is None:
+        fetcher = SourceFetcher(seeder, {c.digest: c.size for c in manifest.chunks})
+
+        async def from_seeder(
+            m: Manifest, _digest: str, on_bytes: Callable[[int], None] | None
+        ) -> FetchStats:
+            return await fetch_chunks(m, store, fetcher, parallel=parallel, on_bytes=on_bytes)
+
+        fill = from_seeder
+    stats = await _fetch_with_progress(manifest, digest, store, fill, progress)
     await asyncio.to_thread(sweep_temp_dirs, dest.parent, dest.name)
     for attempt in range(1, SCRUB_ATTEMPTS + 1):
         try:
@@ -284,27 +343,21 @@ async def pull_image(
             # If the entry's chunks are all sound, the manifest itself is inconsistent.
             if attempt == SCRUB_ATTEMPTS or not await scrub_entry(manifest, store, e.path):
                 raise
-        more = await _fetch_with_progress(manifest, store, fetcher, parallel, progress)
-        stats.chunks_fetched += more.chunks_fetched
-        stats.chunks_held -= more.chunks_fetched
-        stats.bytes_fetched += more.bytes_fetched
-        stats.rejected += more.rejected
+        stats.add(await _fetch_with_progress(manifest, digest, store, fill, progress))
     return PullResult(digest, manifest, dest, stats, time.monotonic() - start)
 
 
 async def _fetch_with_progress(
     manifest: Manifest,
+    digest: str,
     store: ChunkStore,
-    fetcher: ChunkFetcher,
-    parallel: int,
+    fill: Fill,
     progress: ProgressFactory | None,
 ) -> FetchStats:
     todo = missing_bytes(manifest, store)
     bar = progress(todo, "fetching") if progress and todo else None
     try:
-        return await fetch_chunks(
-            manifest, store, fetcher, parallel=parallel, on_bytes=bar.advance if bar else None
-        )
+        return await fill(manifest, digest, bar.advance if bar else None)
     finally:
         if bar is not None:
             bar.close()

@@ -254,12 +254,17 @@ class SeederClient:
         )
         return status == 201
 
-    async def get_chunk(self, digest: str) -> tuple[Encoding, int, bytes]:
-        """(encoding, raw size, stored payload) of a chunk; NOT verified, the caller does that."""
+    async def get_chunk(self, digest: str, *, direct: bool = False) -> tuple[Encoding, int, bytes]:
+        """(encoding, raw size, stored payload) of a chunk; NOT verified, the caller does that.
+
+        `direct`: the caller has no peers to turn to, so the seeder must not defer it to
+        them (super-seeding); it may still answer 503 busy when every upload slot is taken.
+        """
         try:
             _, body, headers = await self._call(
                 "GET",
                 f"/v1/chunks/{_check_digest(digest)}",
+                params={"direct": "1"} if direct else None,
                 raw=True,
                 timeout=BULK_TIMEOUT,
                 limit=MAX_CHUNK_SIZE,

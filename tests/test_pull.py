@@ -19,6 +19,7 @@ from treeutil import build_manifest, snapshot
 import distd.pull as pull_mod
 from distd.pull import FetchStats, PullError, fetch_chunks, materialize_from_store, pull_image
 from distd.store import ChunkStore, raw_size_of
+from distd.swarm_pull import SwarmPull, SwarmPullConfig
 from manifests.chunking import encode_chunk
 from manifests.client import SeederClient
 from manifests.model import Chunk, Encoding, Entry, Kind, Manifest, ManifestError
@@ -118,6 +119,48 @@ def test_pull_gives_identical_tree(seeder: SeederProcess, tmp_path: Path) -> Non
     os.chmod(src / "a" / "ro", 0o755)
 
 
+def test_pull_no_p2p_uses_the_seeder_alone(seeder: SeederProcess, tmp_path: Path) -> None:
+    """The baseline path: more downloads in flight than the seeder has upload slots, so
+    some are answered "busy" and retried; no peer server, no "from peers" in the summary."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _tree(src)
+    manifest = asyncio.run(_publish(seeder.url, src))
+    dest = tmp_path / "image"
+    r = _distd(
+        "pull",
+        NAME,
+        "--no-p2p",
+        "--parallel",
+        "8",
+        "--seeder",
+        seeder.url,
+        "--dest",
+        str(dest),
+        "--data-dir",
+        str(tmp_path / "data"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert snapshot(dest) == snapshot(src)
+    assert f"{len(manifest.chunks)} chunks fetched" in r.stdout
+    assert "from peers" not in r.stdout
+    os.chmod(dest / "a" / "ro", 0o755)
+    os.chmod(src / "a" / "ro", 0o755)
+
+
+async def test_swarm_pull_gives_up_when_nothing_arrives(tmp_path: Path) -> None:
+    """No seeder and no peer: the swarm pull fails with one line instead of hanging."""
+    _src, manifest, _chunks = _good(tmp_path)
+    store = ChunkStore(tmp_path / "data")
+    gone = f"http://127.0.0.1:{_free_port()}"
+    config = SwarmPullConfig(seeder=gone, node_id="lonely", stall_timeout=1.0)
+    async with SwarmPull(config, store, tmp_path / "data") as swarm:
+        assert swarm.address.startswith("127.0.0.1:")
+        with pytest.raises(PullError, match=r"no chunk arrived for 1 s with \d+ still missing"):
+            await swarm.fill(manifest, manifest.digest)
+    assert len(store) == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -188,7 +231,7 @@ class FakeSeeder:
         assert digest == self.digest
         return self.data
 
-    async def get_chunk(self, digest: str) -> tuple[Encoding, int, bytes]:
+    async def get_chunk(self, digest: str, *, direct: bool = False) -> tuple[Encoding, int, bytes]:
         self.chunk_calls.append(digest)
         enc, payload = self.chunks[digest]
         return enc, raw_size_of(payload, enc), payload
