@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
+import msgpack
 import pytest
 from conftest import PUSH_TOKEN, SeederProcess
 from treeutil import build_manifest, snapshot
@@ -19,8 +21,10 @@ from treeutil import build_manifest, snapshot
 import distd.pull as pull_mod
 from distd.pull import FetchStats, PullError, fetch_chunks, materialize_from_store, pull_image
 from distd.store import ChunkStore, raw_size_of
+from distd.swarm import bitfield
 from distd.swarm_pull import SwarmPull, SwarmPullConfig
-from manifests.chunking import encode_chunk
+from manifests import wire
+from manifests.chunking import encode_chunk, verify_chunk
 from manifests.client import SeederClient
 from manifests.model import Chunk, Encoding, Entry, Kind, Manifest, ManifestError
 
@@ -161,6 +165,42 @@ async def test_swarm_pull_gives_up_when_nothing_arrives(tmp_path: Path) -> None:
     assert len(store) == 0
 
 
+async def test_swarm_pull_serves_what_it_holds_until_it_ends(
+    seeder: SeederProcess, tmp_path: Path
+) -> None:
+    """While a swarm pull runs, its peer server hands out its chunks and its have-stream."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(5 * CS))
+    manifest = await _publish(seeder.url, src)
+    store = ChunkStore(tmp_path / "data")
+    config = SwarmPullConfig(seeder=seeder.url, node_id="pull-1", announce_interval=0.2)
+    async with SwarmPull(config, store, tmp_path / "data") as swarm:
+        result = await pull_image(swarm.client, NAME, store, tmp_path / "image", fill=swarm.fill)
+        assert snapshot(tmp_path / "image") == snapshot(src)
+        assert result.fetch.chunks_fetched == len(manifest.chunks)
+        assert result.fetch.bytes_fetched == manifest.stored_size
+        assert result.fetch.bytes_from_peers == 0  # nobody else had it
+        base = f"http://{swarm.address}"
+        chunk = manifest.chunks[0]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/v1/chunks/{chunk.digest}") as r:
+                assert r.status == 200
+                payload = await r.read()
+                enc = Encoding(r.headers[wire.H_ENCODING])
+            verify_chunk(chunk.digest, payload, enc, chunk.size)
+            async with http.get(f"{base}/v1/swarm/{manifest.digest}/haves") as r:
+                assert r.status == 200
+                unpacker = msgpack.Unpacker(raw=False)
+                unpacker.feed(await r.content.readany())
+                kind, bits = next(unpacker)
+                n = len(manifest.chunks)
+                assert (kind, bitfield.from_bytes(bits, n)) == ("bitfield", bitfield.full(n))
+    host, port = swarm.address.rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=2).close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -274,7 +314,7 @@ async def test_hostile_manifest_refused_before_any_write(
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ManifestError, match=why):
-        await pull_image(fake, NAME, store, out / "image")  # type: ignore[arg-type]
+        await pull_image(fake, NAME, store, out / "image")
     assert fake.chunk_calls == []
     assert len(store) == 0 and list((tmp_path / "data" / "chunks").iterdir()) == []
     assert os.listdir(out) == []
@@ -307,7 +347,7 @@ async def test_pull_image_with_fake_and_progress(tmp_path: Path) -> None:
         def close(self) -> None:
             self.closed.append(True)
 
-    result = await pull_image(fake, NAME, store, tmp_path / "image", progress=Bar)  # type: ignore[arg-type]
+    result = await pull_image(fake, NAME, store, tmp_path / "image", progress=Bar)
     assert snapshot(tmp_path / "image") == snapshot(src)
     assert result.fetch == FetchStats(len(manifest.chunks), 0, manifest.stored_size, 0)
     assert [(label, total) for label, total, _, _ in bars] == [
@@ -382,14 +422,14 @@ async def test_rotten_chunk_in_store_is_fetched_again(tmp_path: Path) -> None:
     src, manifest, chunks = _good(tmp_path)
     fake = FakeSeeder(manifest.encode(), chunks)
     store = ChunkStore(tmp_path / "data")
-    await pull_image(fake, NAME, store, tmp_path / "first")  # type: ignore[arg-type]
+    await pull_image(fake, NAME, store, tmp_path / "first")
     fake.chunk_calls.clear()
     for victim in [c for c in manifest.chunks if c.encoding is Encoding.RAW][:1] + [
         c for c in manifest.chunks if c.encoding is Encoding.ZSTD
     ][:1]:
         path = store.path(victim.digest, victim.encoding)
         path.write_bytes(bytes(len(path.read_bytes())))
-    result = await pull_image(fake, NAME, store, tmp_path / "second")  # type: ignore[arg-type]
+    result = await pull_image(fake, NAME, store, tmp_path / "second")
     assert snapshot(tmp_path / "second") == snapshot(src)
     assert result.fetch.chunks_fetched == len(fake.chunk_calls) == 2
     assert _leftovers(tmp_path) == []
