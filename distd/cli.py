@@ -375,9 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pull = sub.add_parser(
         "pull",
-        help="fetch an image from the seeder and materialize it atomically",
-        description="Fetch NAME's manifest and every chunk the local store lacks, verify "
-        "them, and build the tree at --dest (in a temp dir beside it, renamed into place).",
+        help="fetch an image through the swarm and materialize it atomically",
+        description="Fetch NAME's manifest and every chunk the local store lacks, from the "
+        "peers the tracker names (the seeder as a fallback; only the seeder with --no-p2p) "
+        "while serving what it holds to them, verify every chunk, and build the tree at "
+        "--dest (in a temp dir beside it, renamed into place).",
     )
     pull.add_argument("name", metavar="NAME", help="image name (team/app:tag) or manifest digest")
     pull.add_argument(
