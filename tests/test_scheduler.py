@@ -150,7 +150,7 @@ def test_seeder_is_asked_only_for_what_no_neighbour_holds() -> None:
 
 
 def test_rarest_chunk_is_picked_first_after_the_random_start() -> None:
-    sched = Scheduler([100] * 4, config=SchedulerConfig(per_peer_inflight=1))
+    sched = Scheduler([100] * 4, config=SchedulerConfig(per_peer_inflight=1, max_inflight=3))
     sched.picker = RarestFirst(random_first=0)
     sched.add_peer("a", have=0b1111)
     sched.add_peer("b", have=0b0111)

@@ -86,10 +86,14 @@ class PeerState:
             self.blocked_until = now + min(penalties.max_backoff, backoff) * jitter
 
 
-def preference(peer: PeerState, my_zone: str) -> tuple[bool, bool, float]:
+def preference(peer: PeerState, my_zone: str) -> tuple[bool, bool, int]:
     """Sort key, best first: non-seeders, then same zone, then faster.
 
-    A peer with no measured rate sorts as fastest, so every neighbour gets tried.
+    Speed counts in coarse steps (factors of two): peers capped alike measure
+    slightly differently, and ranking on that noise would send every node to the
+    same "fastest" peers, which then answer busy. Callers shuffle first, so peers
+    within a step are tried in random order. A peer not yet measured ranks with
+    the fastest, so every neighbour gets tried.
     """
-    rate = peer.rate if peer.rate > 0 else float("inf")
-    return (peer.is_seeder, peer.zone != my_zone, -rate)
+    step = -64 if peer.rate <= 0 else -int(peer.rate).bit_length()
+    return (peer.is_seeder, peer.zone != my_zone, step)

@@ -151,10 +151,12 @@ class Scheduler:
 
     def next_requests(self, now: float) -> list[Request]:
         """Requests to send now, filling free slots of the best usable peers."""
-        if self.complete:
-            return []
         cfg = self.config
-        usable = [p for p in self.peers.values() if p.usable(now) and p.have & self.missing]
+        if self.complete or self.inflight >= cfg.max_inflight:
+            return []
+        missing = self.missing
+        usable = [p for p in self.peers.values() if p.have & missing and p.usable(now)]
+        self.rng.shuffle(usable)
         usable.sort(key=lambda p: preference(p, cfg.my_zone))
         out: list[Request] = []
         reachable = 0
