@@ -11,13 +11,14 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from distd.daemon import Daemon, DaemonConfig
-from distd.httpserver import install_uvloop
+from distd.httpserver import install_uvloop, server_ssl_context
 from distd.materialize import DestExistsError, MaterializeError
 from distd.pull import DEFAULT_PARALLEL, PullError, PullResult, pull_image
 from distd.store import ChunkStore
@@ -31,7 +32,7 @@ from distd.swarm_pull import (
 )
 from manifests import wire
 from manifests.chunking import ChunkError
-from manifests.client import SeederClient, SeederError
+from manifests.client import SeederClient, SeederError, client_ssl_context
 from manifests.model import Kind, ManifestError
 from manifests.progress import Progress
 from manifests.units import format_size, parse_rate, parse_size
@@ -73,11 +74,14 @@ def _summary(name: str, r: PullResult, p2p: bool = True) -> str:
     )
 
 
-async def _pull(args: argparse.Namespace) -> PullResult:
+async def _pull(args: argparse.Namespace, tls: Tls) -> PullResult:
     store = await asyncio.to_thread(ChunkStore, args.data_dir)
     progress = Progress if sys.stderr.isatty() else None
+    server_ssl, client_ssl = tls
     if args.no_p2p:
-        async with SeederClient(args.seeder) as seeder:
+        async with SeederClient(
+            args.seeder, cluster_token=args.cluster_token, ssl_context=client_ssl
+        ) as seeder:
             return await pull_image(
                 seeder,
                 args.name,
@@ -101,6 +105,9 @@ async def _pull(args: argparse.Namespace) -> PullResult:
         announce_interval=args.announce_interval,
         stall_timeout=args.stall_timeout,
         scheduler=scheduler,
+        cluster_token=args.cluster_token,
+        server_ssl=server_ssl,
+        client_ssl=client_ssl,
     )
     async with SwarmPull(config, store, args.data_dir) as swarm:
         return await pull_image(
@@ -116,9 +123,13 @@ def cmd_pull(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             wire.check_name(args.name)
         except ValueError as e:
             parser.error(str(e))
+    try:
+        tls = _tls(args)
+    except TlsError as e:
+        return _fail(str(e))
     install_uvloop()
     try:
-        result = asyncio.run(_pull(args))
+        result = asyncio.run(_pull(args, tls))
     except DestExistsError as e:
         return _fail(f"{e} (pass --replace to swap it)")
     except ManifestError as e:
@@ -189,6 +200,82 @@ def add_pull_swarm_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"give up when no chunk arrives for this long (default {DEFAULT_STALL_TIMEOUT:g})",
     )
+
+
+# -- security: cluster token and TLS (both commands) ---------------------------------
+
+Tls = tuple[ssl.SSLContext | None, ssl.SSLContext | bool]
+
+
+class TlsError(Exception):
+    """A TLS file that cannot be used; one line."""
+
+
+def _token(text: str) -> str:
+    """argparse type: its error names the rule, never the value (argparse would echo it)."""
+    try:
+        return wire.check_token(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_security_arguments(p: argparse.ArgumentParser, daemon: bool) -> None:
+    """--cluster-token and --tls-*; all from DISTD_* too (env keeps the token out of `ps`)."""
+    env = os.environ.get
+    routes = (
+        "every route except /healthz, so /v1/status and /metrics too "
+        "(curl -H 'X-Cluster-Token: ...')"
+        if daemon
+        else "every chunk and have-stream request"
+    )
+    p.add_argument(
+        "--cluster-token",
+        type=_token,
+        default=env("DISTD_CLUSTER_TOKEN") or None,
+        metavar="TOKEN",
+        help="the fleet's shared secret: sent to the seeder and peers, and required by this "
+        f"node's listener on {routes}; prefer env DISTD_CLUSTER_TOKEN, which `ps` "
+        "does not show",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=env("DISTD_TLS_CERT") or None,
+        metavar="PEM",
+        help="serve peers over HTTPS with this certificate chain (its names must match "
+        "--advertise), and reach peers over https"
+        + ("" if daemon else "; needed to swap chunks with daemons that serve TLS")
+        + " (env DISTD_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        default=env("DISTD_TLS_KEY") or None,
+        metavar="PEM",
+        help="private key of --tls-cert (env DISTD_TLS_KEY)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=env("DISTD_TLS_CA") or None,
+        metavar="PEM",
+        help="verify the seeder and peers against this CA alone (default: the system's "
+        "trust store) (env DISTD_TLS_CA)",
+    )
+
+
+def _tls(args: argparse.Namespace) -> Tls:
+    """(server context or None, client trust) from --tls-*; TlsError if a file is unusable."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise TlsError("--tls-cert and --tls-key go together")
+    server: ssl.SSLContext | None = None
+    try:
+        if args.tls_cert:
+            server = server_ssl_context(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(f"cannot load --tls-cert/--tls-key: {e}") from None
+    try:
+        client = client_ssl_context(args.tls_ca)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(f"cannot load --tls-ca: {e}") from None
+    return server, client
 
 
 # -- distd run -------------------------------------------------------------------
@@ -325,6 +412,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.seeder:
         parser.error("--seeder URL is required (or set DISTD_SEEDER)")
+    try:
+        server_ssl, client_ssl = _tls(args)
+    except TlsError as e:
+        return _fail(str(e))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -353,6 +444,9 @@ def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             max_inflight=args.max_inflight,
             my_zone=args.zone,
         ),
+        cluster_token=args.cluster_token,
+        server_ssl=server_ssl,
+        client_ssl=client_ssl,
     )
     install_uvloop()
     try:
@@ -409,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         "through the swarm)",
     )
     add_pull_swarm_arguments(pull)
+    add_security_arguments(pull, daemon=False)
     pull.set_defaults(func=cmd_pull, parser=pull)
 
     run = sub.add_parser(
@@ -419,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be set as DISTD_<FLAG> in the environment.",
     )
     add_run_arguments(run)
+    add_security_arguments(run, daemon=True)
     run.set_defaults(func=cmd_run, parser=run)
 
     return parser

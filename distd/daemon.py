@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,13 @@ from aiohttp import web
 from distd import materialize
 from distd.catalog import Catalog, Image, State
 from distd.engine import EngineContext, SwarmDownload
-from distd.httpserver import error_middleware, respond, serve
+from distd.httpserver import middlewares, respond, serve
 from distd.metrics import CONTENT_TYPE, Metrics
 from distd.peer_server import ChunkServer, HaveHub
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore
 from distd.swarm.scheduler import SchedulerConfig
+from manifests import wire
 from manifests.client import SeederClient, SeederError
 from manifests.validate import decode_manifest
 
@@ -57,6 +59,11 @@ class DaemonConfig:
     announce_interval: float = 5.0
     poll_wait: float = 20.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Security (see manifests.wire): every listener of the fleet shares the cluster token;
+    # with `server_ssl` this node serves TLS and so expects its peers to (https).
+    cluster_token: str | None = None
+    server_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | bool = True
 
 
 class Daemon:
@@ -87,7 +94,7 @@ class Daemon:
     # --- HTTP ------------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware])
+        app = web.Application(middlewares=middlewares(self.cfg.cluster_token))
         r = app.router
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
@@ -169,15 +176,33 @@ class Daemon:
                 # A wildcard bind is not an address anyone can reach: use our host name.
                 wildcard = bound_host in ("0.0.0.0", "::", "")
                 self.address = f"{socket.getfqdn() if wildcard else bound_host}:{bound_port}"
-            log.info("distd %s listening on http://%s:%d", self.cfg.node_id, bound_host, bound_port)
+            log.info(
+                "distd %s listening on %s://%s:%d (cluster token %s)",
+                self.cfg.node_id,
+                self.scheme,
+                bound_host,
+                bound_port,
+                "required" if self.cfg.cluster_token else "off",
+            )
             ready.set()
 
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=16, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=16, ttl_dns_cache=300, ssl=self.cfg.client_ssl
+        )
         async with aiohttp.ClientSession(connector=connector) as session:
             self.session = session
-            self.client = SeederClient(self.cfg.seeder, session=session)
+            self.client = SeederClient(
+                self.cfg.seeder, session=session, cluster_token=self.cfg.cluster_token
+            )
             server = asyncio.create_task(
-                serve(self.make_app(), host, port, on_ready=on_ready, stop=self.stop)
+                serve(
+                    self.make_app(),
+                    host,
+                    port,
+                    on_ready=on_ready,
+                    stop=self.stop,
+                    ssl_context=self.cfg.server_ssl,
+                )
             )
             waiter = asyncio.create_task(ready.wait())
             await asyncio.wait({server, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -262,8 +287,13 @@ class Daemon:
         self.workers[image.digest] = task
         task.add_done_callback(lambda _t: self.workers.pop(image.digest, None))
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.cfg.server_ssl is not None else "http"
+
     def _context(self) -> EngineContext:
         assert self.session is not None
+        token = self.cfg.cluster_token
         return EngineContext(
             node_id=self.cfg.node_id,
             address=self.address,
@@ -276,6 +306,8 @@ class Daemon:
             config=self.cfg.scheduler,
             p2p=self.cfg.p2p,
             rng=self.rng,
+            headers={wire.H_CLUSTER_TOKEN: token} if token else {},
+            scheme=self.scheme,
         )
 
     async def _pull(self, image: Image) -> None:

@@ -61,6 +61,7 @@ class EngineContext:
     metrics: Metrics
     config: SchedulerConfig
     headers: dict[str, str] = field(default_factory=dict)
+    scheme: str = "http"  # of peer URLs: "https" in a fleet that serves TLS
     p2p: bool = True
     rng: random.Random = field(default_factory=random.Random)
 
@@ -93,7 +94,7 @@ class SwarmDownload:
             return
         if self.sched.complete:
             return
-        link = PeerLink(node_id, f"http://{address}", zone)
+        link = PeerLink(node_id, f"{self.ctx.scheme}://{address}", zone)
         self.links[node_id] = link
         link.task = asyncio.create_task(self._follow(link), name=f"follow-{node_id}")
 

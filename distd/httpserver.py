@@ -8,14 +8,17 @@ checks, bounded request bodies, rate-paced downloads and a clean stop on SIGTERM
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
 import signal
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from distd.ratelimit import TokenBucket
 from manifests import wire
@@ -27,6 +30,10 @@ log = logging.getLogger(__name__)
 SLICE_SIZE = 64 << 10
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+UNAUTHORIZED = "missing or wrong token"
+# Open to anyone even with a cluster token: load balancers and supervisors probe it.
+OPEN_PATHS = frozenset({"/healthz"})
 
 
 class ApiError(Exception):
@@ -93,16 +100,60 @@ async def read_obj(request: web.Request, limit: int = wire.MAX_REQUEST_BODY) -> 
     return obj
 
 
+def token_equal(given: str, token: str) -> bool:
+    """Constant time, length included: both sides are hashed before they are compared."""
+    a = hashlib.sha256(given.encode("utf-8", "replace")).digest()
+    b = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+    return bool(token) and hmac.compare_digest(a, b)
+
+
+def bearer_ok(request: web.Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and token_equal(given.strip(), token)
+
+
 def require_bearer(request: web.Request, token: str) -> None:
     """401 unless the request carries `Authorization: Bearer <token>`, compared in constant time."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    ok = (
-        bool(token)
-        and scheme.lower() == "bearer"
-        and hmac.compare_digest(given.strip().encode(), token.encode())
-    )
-    if not ok:
-        raise ApiError(401, "missing or wrong token")
+    if not bearer_ok(request, token):
+        raise ApiError(401, UNAUTHORIZED)
+
+
+def cluster_auth(cluster_token: str, *, push_token: str | None = None) -> Middleware:
+    """401 for every request but `OPEN_PATHS` without the cluster token (`X-Cluster-Token`).
+
+    As a middleware it runs before any handler, so a refusal is the same whether or
+    not the chunk, image or route exists. A valid push token (the seeder's operator
+    credential) is accepted in its place.
+    """
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            given = request.headers.get(wire.H_CLUSTER_TOKEN, "")
+            ok = token_equal(given, cluster_token) or (
+                push_token is not None and bearer_ok(request, push_token)
+            )
+            if not ok:
+                raise ApiError(401, UNAUTHORIZED)
+        return await handler(request)
+
+    return check
+
+
+def middlewares(cluster_token: str | None, *, push_token: str | None = None) -> list[Middleware]:
+    """Every listener's middlewares: one-line errors outermost, then the cluster token."""
+    chain: list[Middleware] = [error_middleware]
+    if cluster_token:
+        chain.append(cluster_auth(cluster_token, push_token=push_token))
+    return chain
+
+
+def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    """TLS for a listener; raises OSError/ssl.SSLError now if the files are wrong."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 async def send_bytes(
@@ -191,11 +242,13 @@ async def serve(
     on_ready: Callable[[str, int], None] | None = None,
     stop: asyncio.Event | None = None,
     shutdown_timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Run `app` until SIGTERM/SIGINT (or `stop`), then let requests in flight finish.
 
     `on_ready` hears the bound host and port (useful with port 0). Binding errors
     (port in use, bad address) propagate as OSError before anything is served.
+    With `ssl_context` the listener speaks only TLS.
     """
     stop = stop or asyncio.Event()
     kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
@@ -204,7 +257,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     try:
-        site = web.TCPSite(runner, host, port, shutdown_timeout=shutdown_timeout)
+        site = web.TCPSite(
+            runner, host, port, shutdown_timeout=shutdown_timeout, ssl_context=ssl_context
+        )
         await site.start()
         for sig in signals:
             loop.add_signal_handler(sig, stop.set)

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +31,14 @@ from aiohttp import web
 
 from distd.catalog import Catalog, Image
 from distd.engine import EngineContext, SwarmDownload
-from distd.httpserver import error_middleware
+from distd.httpserver import middlewares
 from distd.metrics import Metrics
 from distd.peer_server import ChunkServer, HaveHub
 from distd.pull import FetchStats, PullError
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore
 from distd.swarm.scheduler import SchedulerConfig
+from manifests import wire
 from manifests.client import SeederClient, SeederError
 from manifests.model import Manifest
 
@@ -70,6 +72,11 @@ class SwarmPullConfig:
     # No chunk for this long (seeder gone, no peer holding what we lack): give up.
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # As for the daemon: the fleet's cluster token, and TLS (with `server_ssl`, peers are
+    # reached over https).
+    cluster_token: str | None = None
+    server_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | bool = True
 
 
 class SwarmPull:
@@ -116,15 +123,19 @@ class SwarmPull:
 
     def make_app(self) -> web.Application:
         """The peer half of the daemon's API: chunks and have-streams."""
-        app = web.Application(middlewares=[error_middleware])
+        app = web.Application(middlewares=middlewares(self.cfg.cluster_token))
         app.router.add_get("/v1/chunks/{digest}", self.chunks.handle, allow_head=False)
         app.router.add_get("/v1/swarm/{image}/haves", self.hub.handle)
         return app
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=16, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=16, ttl_dns_cache=300, ssl=self.cfg.client_ssl
+        )
         self._session = aiohttp.ClientSession(connector=connector)
-        self._client = SeederClient(self.cfg.seeder, session=self._session)
+        self._client = SeederClient(
+            self.cfg.seeder, session=self._session, cluster_token=self.cfg.cluster_token
+        )
         # No signal handlers: Ctrl-C must interrupt the pull, not just stop the server.
         runner = web.AppRunner(
             self.make_app(),
@@ -135,7 +146,7 @@ class SwarmPull:
         await runner.setup()
         self._runner = runner
         host, port = self.cfg.listen
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=self.cfg.server_ssl).start()
         bound_host, bound_port = runner.addresses[0][:2]
         if not self.address:
             wildcard = bound_host in ("0.0.0.0", "::", "")
@@ -185,6 +196,7 @@ class SwarmPull:
             on_bytes(image.manifest.chunks[index].stored_size)
 
     def _context(self) -> EngineContext:
+        token = self.cfg.cluster_token
         return EngineContext(
             node_id=self.cfg.node_id,
             address=self.address,
@@ -197,6 +209,8 @@ class SwarmPull:
             config=self.cfg.scheduler,
             p2p=True,
             rng=self.rng,
+            headers={wire.H_CLUSTER_TOKEN: token} if token else {},
+            scheme="https" if self.cfg.server_ssl is not None else "http",
         )
 
     # --- the pull --------------------------------------------------------------------------

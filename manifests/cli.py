@@ -14,17 +14,18 @@ import datetime as dt
 import json
 import os
 import re
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
 from manifests.chunking import DEFAULT_CHUNK_SIZE, ChunkError
-from manifests.client import SeederClient, SeederError
+from manifests.client import SeederClient, SeederError, client_ssl_context
 from manifests.model import Kind, Manifest, ManifestError, manifest_digest
 from manifests.push import DEFAULT_PARALLEL_UPLOADS, PushError, push_tree
 from manifests.units import format_size, parse_size
 from manifests.validate import MAX_CHUNK_SIZE, decode_manifest
-from manifests.wire import check_name, format_labels, is_digest, parse_labels
+from manifests.wire import check_name, check_token, format_labels, is_digest, parse_labels
 
 DEFAULT_SEEDER = "http://127.0.0.1:7700"
 PROG = "manifests"
@@ -96,6 +97,11 @@ def _node(text: str) -> str:
     return text
 
 
+def _cluster_token(text: str) -> str:
+    # check_token's message never quotes the value, so argparse cannot echo a secret.
+    return check_token(text)
+
+
 def _name_or_digest(text: str) -> str:
     if text.startswith("sha256:"):
         text = text[len("sha256:") :]
@@ -120,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         default=os.environ.get("DIST_PUSH_TOKEN"),
         help="operator push token for writes (env DIST_PUSH_TOKEN)",
+    )
+    p.add_argument(
+        "--cluster-token",
+        metavar="TOKEN",
+        type=_arg(_cluster_token, "token"),
+        default=os.environ.get("DIST_CLUSTER_TOKEN") or None,
+        help="the fleet's cluster token, sent with every request; needed for reads from a "
+        "seeder that requires it when no --token is given (env DIST_CLUSTER_TOKEN)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        default=os.environ.get("DIST_TLS_CA") or None,
+        help="verify an https seeder against this CA alone (default: the system's trust "
+        "store) (env DIST_TLS_CA)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -330,7 +351,13 @@ COMMANDS: dict[str, Callable[[SeederClient, argparse.Namespace], Coroutine[Any, 
 
 
 async def run(args: argparse.Namespace) -> int:
-    async with SeederClient(args.seeder, token=args.token) as client:
+    try:
+        trust = client_ssl_context(args.tls_ca)
+    except (OSError, ssl.SSLError) as e:
+        raise CliError(f"cannot load --tls-ca {args.tls_ca!r}: {e}") from None
+    async with SeederClient(
+        args.seeder, token=args.token, cluster_token=args.cluster_token, ssl_context=trust
+    ) as client:
         return await COMMANDS[args.command](client, args)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -44,6 +45,31 @@ class SeederError(Exception):
         self.missing = list(missing)
 
 
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
+    """How clients check TLS servers: against `ca_file` alone (the cluster's CA) when
+    given, else the system's trust store. Hostnames are always checked."""
+    if not ca_file:
+        return True
+    ctx = ssl.create_default_context(cafile=ca_file)  # OSError/SSLError now if unreadable
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def tls_error(where: str, e: BaseException) -> str | None:
+    """One line for a TLS failure (`e` from aiohttp), or None if `e` is not one."""
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        cert = e.certificate_error
+        reason = getattr(cert, "verify_message", "") or getattr(cert, "reason", "") or str(cert)
+        return (
+            f"{where}: TLS certificate verify failed ({reason}); "
+            "is --tls-ca the cluster's CA and the host name in the certificate?"
+        )
+    if isinstance(e, aiohttp.ClientSSLError):
+        reason = getattr(e.os_error, "reason", None) or str(e.os_error)
+        return f"{where}: TLS handshake failed ({reason}); is it serving TLS?"
+    return None
+
+
 def _decode(body: bytes, content_type: str) -> Any:
     if content_type == wire.MSGPACK:
         return wire.unpack(body)
@@ -65,7 +91,12 @@ def _selector(labels: str | Mapping[str, str]) -> str:
 
 
 class SeederClient:
-    """`async with SeederClient(url, token) as c: ...`; pass `session` to share connections."""
+    """`async with SeederClient(url, token) as c: ...`; pass `session` to share connections.
+
+    `token` is the push token (sent on writes only); `cluster_token` goes with every
+    request. `ssl_context` is for the client's own session (see `client_ssl_context`); a
+    shared `session` brings its own.
+    """
 
     def __init__(
         self,
@@ -74,12 +105,16 @@ class SeederClient:
         session: aiohttp.ClientSession | None = None,
         *,
         limit: int = CONNECTION_LIMIT,
+        cluster_token: str | None = None,
+        ssl_context: ssl.SSLContext | bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.cluster_token = cluster_token
         self._session = session
         self._owns_session = session is None
         self._limit = limit
+        self._ssl = ssl_context
 
     async def __aenter__(self) -> SeederClient:
         return self
@@ -101,7 +136,7 @@ class SeederClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit),
+                connector=aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl),
                 timeout=SMALL_TIMEOUT,
             )
         return self._session
@@ -110,7 +145,11 @@ class SeederClient:
 
     def _headers(self, write: bool, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = {"Accept": wire.MSGPACK}
-        if write and self.token:
+        if self.cluster_token:
+            headers[wire.H_CLUSTER_TOKEN] = self.cluster_token
+        # Reads carry the push token only in place of a missing cluster token (the
+        # seeder accepts it there), so the operator needs just the one to push.
+        if self.token and (write or not self.cluster_token):
             headers["Authorization"] = f"Bearer {self.token}"
         if extra:
             headers.update(extra)
@@ -118,6 +157,9 @@ class SeederClient:
 
     def _transport_error(self, e: BaseException) -> SeederError:
         where = f"seeder at {self.base_url}"
+        tls = tls_error(where, e)
+        if tls is not None:
+            return SeederError(tls)
         if isinstance(e, aiohttp.ClientConnectorDNSError):
             return SeederError(f"{where} is unreachable (cannot resolve its host name)")
         if isinstance(e, aiohttp.ClientConnectorError):
@@ -127,17 +169,26 @@ class SeederClient:
             return SeederError(f"{where} is unreachable ({reason})")
         if isinstance(e, (TimeoutError, aiohttp.ServerTimeoutError)):
             return SeederError(f"{where} did not answer in time")
+        if isinstance(e, aiohttp.ServerDisconnectedError) and self.base_url.startswith("http:"):
+            # What plain HTTP to a TLS listener looks like; a restart looks the same.
+            return SeederError(
+                f"{where} closed the connection (if it serves TLS, use an https:// URL)"
+            )
         if isinstance(e, aiohttp.InvalidURL):
             return SeederError(f"not a seeder URL: {self.base_url!r}")
         return SeederError(f"connection to {where} failed ({type(e).__name__}: {e})")
 
-    def _status_error(self, status: int, body: Any, context: str) -> SeederError:
+    def _status_error(self, status: int, body: Any, context: str, write: bool) -> SeederError:
         message = body.get("error") if isinstance(body, dict) else None
         if not isinstance(message, str):
             message = str(body).strip().splitlines()[0][:200] if body else f"HTTP {status}"
         if status == 401:
-            if not self.token:
+            if write and not self.token:
                 return SeederError("seeder needs a token for this (401) and none was given", 401)
+            if not write and not self.token and not self.cluster_token:
+                return SeederError(
+                    "seeder needs the cluster token for this (401) and none was given", 401
+                )
             return SeederError("seeder refused the token (401)", 401)
         missing = body.get("missing", []) if isinstance(body, dict) else []
         if not isinstance(missing, list):
@@ -191,7 +242,7 @@ class SeederClient:
         except ValueError as e:
             raise SeederError(f"{context}: unreadable answer from the seeder ({e})") from None
         if status not in ok:
-            raise self._status_error(status, body, context)
+            raise self._status_error(status, body, context, write)
         return status, body, resp_headers
 
     async def _read(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:

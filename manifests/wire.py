@@ -36,6 +36,20 @@ Peer API (every distd, and the seeder for chunks):
                                    ["have", [index...]] as chunks land, ["ping"] when idle
 
 Errors: non-2xx with {"error": "one line"}.
+
+Auth (checked before any lookup, so a refusal says nothing about what exists):
+
+    - Writes (PUT chunks/manifests/names, POST/DELETE assignments) need
+      `Authorization: Bearer <push token>`, always.
+    - With a cluster token configured on a listener (seeder or distd), every other
+      request but `GET /healthz` needs `X-Cluster-Token: <cluster token>`: chunks,
+      haves, manifests, names, assignments, nodes, announce, status and metrics.
+      On the seeder a valid push token stands in for it (the operator may read what
+      it may write), so the CLI needs only the push token for a push.
+    - Otherwise: 401 {"error": "missing or wrong token"}. Tokens are compared in
+      constant time, travel only in headers (never in URLs) and are never logged.
+    - TLS is optional on every listener; a node serving TLS reaches its peers over
+      https, verifying them (and the seeder) against the cluster CA when one is given.
 """
 
 from __future__ import annotations
@@ -49,6 +63,9 @@ MSGPACK = "application/x-msgpack"
 JSON = "application/json"
 H_ENCODING = "X-Chunk-Encoding"
 H_SIZE = "X-Chunk-Size"
+# Apart from `Authorization` (the push token), so one request can carry both.
+H_CLUSTER_TOKEN = "X-Cluster-Token"
+MIN_TOKEN_LENGTH = 16
 
 MAX_REQUEST_BODY = 64 << 20
 
@@ -74,6 +91,16 @@ def check_digest(text: str) -> str:
 def check_name(text: str) -> str:
     if len(text) > 255 or not _NAME.match(text):
         raise ValueError(f"not an image name (team/app:tag, lowercase): {text!r}")
+    return text
+
+
+def check_token(text: str, what: str = "cluster token") -> str:
+    """A token fit for an HTTP header and hard to guess; the error never quotes it."""
+    if len(text) < MIN_TOKEN_LENGTH or not all("!" <= c <= "~" for c in text):
+        raise ValueError(
+            f"{what} must be at least {MIN_TOKEN_LENGTH} visible ASCII characters,"
+            " no spaces (e.g. `openssl rand -hex 16`)"
+        )
     return text
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from distd.httpserver import (
     ApiError,
-    error_middleware,
+    middlewares,
     read_body,
     read_obj,
     require_bearer,
@@ -438,10 +438,18 @@ def make_app(
     store: ChunkStore | None = None,
     upload_slots: int = DEFAULT_UPLOAD_SLOTS,
     superseed: bool = True,
+    cluster_token: str | None = None,
 ) -> web.Application:
-    """The seeder application. Opens the store and the registry now, so errors surface early."""
+    """The seeder application. Opens the store and the registry now, so errors surface early.
+
+    With `cluster_token`, every route but /healthz needs it (or the push token): see
+    `manifests.wire` for the rules.
+    """
     seeder = Seeder(Path(data_dir), push_token, max_upload_rate, store, upload_slots, superseed)
-    app = web.Application(middlewares=[error_middleware], client_max_size=wire.MAX_REQUEST_BODY)
+    app = web.Application(
+        middlewares=middlewares(cluster_token, push_token=push_token),
+        client_max_size=wire.MAX_REQUEST_BODY,
+    )
     app[SEEDER] = seeder
 
     async def _close(_: web.Application) -> None:

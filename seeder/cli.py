@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distd.httpserver import install_uvloop, serve
+from distd.httpserver import install_uvloop, serve, server_ssl_context
+from manifests import wire
 from manifests.units import parse_rate
 from seeder.app import DEFAULT_UPLOAD_SLOTS, make_app
 
@@ -34,8 +36,16 @@ def _rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _token(text: str) -> str:
+    """argparse type: its error names the rule, never the value (argparse would echo it)."""
+    try:
+        return wire.check_token(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("SEEDER_PUSH_TOKEN"),
         metavar="TOKEN",
         help="bearer token required for every write (env SEEDER_PUSH_TOKEN)",
+    )
+    run.add_argument(
+        "--cluster-token",
+        type=_token,
+        default=env("SEEDER_CLUSTER_TOKEN") or None,
+        metavar="TOKEN",
+        help="shared secret of the fleet: when set, every request but /healthz needs it in"
+        " X-Cluster-Token (or the push token); prefer the env var SEEDER_CLUSTER_TOKEN,"
+        " which `ps` does not show",
+    )
+    run.add_argument(
+        "--tls-cert",
+        default=env("SEEDER_TLS_CERT") or None,
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain; its names must match the seeder URL"
+        " nodes use (env SEEDER_TLS_CERT)",
+    )
+    run.add_argument(
+        "--tls-key",
+        default=env("SEEDER_TLS_KEY") or None,
+        metavar="PEM",
+        help="private key of --tls-cert (env SEEDER_TLS_KEY)",
     )
     run.add_argument(
         "--max-upload-rate",
@@ -100,6 +132,13 @@ def _slots(text: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     host, port = args.listen
     data_dir = Path(args.data_dir)
+    tls: ssl.SSLContext | None = None
+    if args.tls_cert:
+        try:
+            tls = server_ssl_context(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            print(f"seeder: cannot load --tls-cert/--tls-key: {e}", file=sys.stderr)
+            return 1
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(data_dir, os.W_OK | os.X_OK):
@@ -110,25 +149,29 @@ def _run(args: argparse.Namespace) -> int:
             max_upload_rate=args.max_upload_rate or None,
             upload_slots=args.upload_slots,
             superseed=not args.no_superseed,
+            cluster_token=args.cluster_token,
         )
     except Exception as e:
         print(f"seeder: cannot use data dir {str(data_dir)!r}: {e}", file=sys.stderr)
         return 1
 
     def ready(bound_host: str, bound_port: int) -> None:
-        url = _url(bound_host, bound_port)
+        url = _url(bound_host, bound_port, "https" if tls else "http")
         rate = args.max_upload_rate
         log.info(
-            "serving %s from %s (upload cap %s)",
+            "serving %s from %s (upload cap %s, cluster token %s)",
             url,
             data_dir,
             f"{rate} B/s" if rate else "none",
+            "required" if args.cluster_token else "off",
         )
         print(f"seeder listening on {url}", flush=True)
 
     install_uvloop()
     try:
-        asyncio.run(serve(app, host, port, access_log=args.verbose, on_ready=ready))
+        asyncio.run(
+            serve(app, host, port, access_log=args.verbose, on_ready=ready, ssl_context=tls)
+        )
     except OSError as e:
         print(f"seeder: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -147,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--data-dir DIR is required (or set SEEDER_DATA_DIR)")
     if not args.push_token:
         parser.error("--push-token TOKEN is required (or set SEEDER_PUSH_TOKEN)")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together (or SEEDER_TLS_CERT/SEEDER_TLS_KEY)")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
