@@ -28,6 +28,7 @@ from distd.engine import EngineContext, SwarmDownload
 from distd.httpserver import middlewares, respond, serve
 from distd.metrics import CONTENT_TYPE, Metrics
 from distd.peer_server import ChunkServer, HaveHub
+from distd.pull import store_reader
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore
 from distd.swarm.scheduler import SchedulerConfig
@@ -101,6 +102,11 @@ class Daemon:
         r.add_get("/v1/status", self._status)
         r.add_get("/v1/chunks/{digest}", self.chunks.handle, allow_head=False)
         r.add_get("/v1/swarm/{image}/haves", self.hub.handle)
+
+        async def end_streams(_: web.Application) -> None:
+            self.hub.close()
+
+        app.on_shutdown.append(end_streams)
         return app
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -328,7 +334,7 @@ class Daemon:
                 await asyncio.to_thread(
                     materialize.materialize,
                     image.manifest,
-                    self.store.read_verified,
+                    store_reader(self.store),
                     self.catalog.path(image.digest),
                     replace=True,
                 )

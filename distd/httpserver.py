@@ -28,6 +28,7 @@ from manifests.model import ManifestError
 log = logging.getLogger(__name__)
 
 SLICE_SIZE = 64 << 10
+CUT_SHORT = "cut_short"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -165,20 +166,27 @@ async def send_bytes(
     bucket: TokenBucket | None = None,
     slice_size: int = SLICE_SIZE,
 ) -> web.StreamResponse:
-    """Stream `data`, each slice paying `bucket` first so the listener's egress cap holds."""
+    """Stream `data`, each slice paying `bucket` first so the listener's egress cap holds.
+
+    A client that hangs up midway (an endgame loser cancelling) is normal, not an
+    error: the response comes back marked `resp[CUT_SHORT] = True` instead of raising.
+    """
     resp = web.StreamResponse(headers=headers)
     resp.content_type = content_type
     resp.content_length = len(data)
     await resp.prepare(request)
-    if bucket is None or bucket.unlimited:
-        await resp.write(data)
-    else:
-        view = memoryview(data)
-        for off in range(0, len(data), slice_size):
-            piece = view[off : off + slice_size]
-            await bucket.consume(len(piece))
-            await resp.write(piece)
-    await resp.write_eof()
+    try:
+        if bucket is None or bucket.unlimited:
+            await resp.write(data)
+        else:
+            view = memoryview(data)
+            for off in range(0, len(data), slice_size):
+                piece = view[off : off + slice_size]
+                await bucket.consume(len(piece))
+                await resp.write(piece)
+        await resp.write_eof()
+    except ConnectionError:
+        resp[CUT_SHORT] = True
     return resp
 
 
@@ -252,14 +260,12 @@ async def serve(
     """
     stop = stop or asyncio.Event()
     kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
-    runner = web.AppRunner(app, handle_signals=False, **kwargs)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, **kwargs)
     await runner.setup()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     try:
-        site = web.TCPSite(
-            runner, host, port, shutdown_timeout=shutdown_timeout, ssl_context=ssl_context
-        )
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         for sig in signals:
             loop.add_signal_handler(sig, stop.set)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from distd.catalog import Catalog, Image
-from distd.httpserver import ApiError, respond, send_bytes
+from distd.httpserver import CUT_SHORT, ApiError, respond, send_bytes
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore, raw_size_of
 from distd.swarm import bitfield
@@ -31,6 +31,7 @@ HAVE_STREAM = "application/x-msgpack-stream"
 KEEPALIVE_SECONDS = 10.0
 H_BUSY = "X-Busy"
 H_DEFERRED = "X-Deferred"
+_END = -1  # queued to a follower's stream to end it
 
 
 def _digest(request: web.Request, key: str) -> str:
@@ -87,6 +88,11 @@ class ChunkServer:
                 wire.H_SIZE: str(raw_size_of(payload, info.encoding)),
             }
             resp = await send_bytes(request, payload, headers=headers, bucket=self.bucket)
+            if resp.get(CUT_SHORT):
+                log.debug("upload of %s cut short by the asker", digest[:16])
+                if self.policy is not None:
+                    self.policy.abandoned(digest)
+                return resp
         except BaseException:
             if self.policy is not None:
                 self.policy.abandoned(digest)
@@ -111,7 +117,15 @@ class HaveHub:
         self.catalog = catalog
         self.on_follower = on_follower
         self.followers: dict[str, set[asyncio.Queue[int]]] = {}
+        self.closing = False
         catalog.on_have.append(self._have)
+
+    def close(self) -> None:
+        """End every have-stream, so a stopping server is not held open by followers."""
+        self.closing = True
+        for queues in self.followers.values():
+            for q in queues:
+                q.put_nowait(_END)
 
     def _have(self, image: Image, index: int) -> None:
         for q in self.followers.get(image.digest, ()):
@@ -138,15 +152,19 @@ class HaveHub:
             await resp.prepare(request)
             n = len(image.manifest.chunks)
             await resp.write(wire.pack(["bitfield", bitfield.to_bytes(image.have, n)]))
-            while digest in self.catalog.images:
+            while digest in self.catalog.images and not self.closing:
                 try:
                     first = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
                 except TimeoutError:
                     await resp.write(wire.pack(["ping"]))
                     continue
+                if first == _END:
+                    break
                 batch = [first]
                 while not queue.empty():
                     batch.append(queue.get_nowait())
+                if _END in batch:
+                    break
                 await resp.write(wire.pack(["have", batch]))
         except ConnectionError:
             return resp  # the follower went away

@@ -98,7 +98,13 @@ class Seeder:
         self.tracker = Tracker()
         self.announce_interval = ANNOUNCE_INTERVAL
         self.changed = asyncio.Event()  # replaced on every change; long polls wait on it
+        self.closing = False
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seeder-db")
+
+    def close_polls(self) -> None:
+        """Answer every long poll now: the server is stopping."""
+        self.closing = True
+        self.assignments_changed()
 
     def assignments_changed(self) -> None:
         """Wake every node waiting in a long poll: names or assignments moved."""
@@ -396,7 +402,7 @@ async def register_node(request: web.Request) -> web.Response:
         resolved = await s.db(s.registry.resolve, node, labels)
         etag = hashlib.sha256(wire.pack(resolved)).hexdigest()[:32]
         left = deadline - asyncio.get_running_loop().time()
-        if etag != known or left <= 0:
+        if etag != known or left <= 0 or s.closing:
             return respond(request, {"assignments": resolved, "etag": etag})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), left)
@@ -455,6 +461,10 @@ def make_app(
     async def _close(_: web.Application) -> None:
         await seeder.close()
 
+    async def _shutdown(_: web.Application) -> None:
+        seeder.close_polls()
+
+    app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_close)
     r = app.router
     r.add_get("/healthz", healthz)
