@@ -198,20 +198,16 @@ class Scheduler:
         """The earliest future moment something changes without an event: a deadline, a
         backoff ending, a request turning late enough to hedge."""
         times = [r.deadline for reqs in self.pending.values() for r in reqs.values()]
-        if self.in_endgame():
-            limit = self.config.endgame_duplicates
-            times += [self._hedge_at(i) for i, reqs in self.pending.items() if len(reqs) < limit]
-        times += [
-            max(p.blocked_until, p.banned_until)
-            for p in self.peers.values()
-            if not p.usable(now) and p.have & self.missing
-        ]
-        times += [
-            until
-            for p in self.peers.values()
-            for i, until in p.withheld.items()
-            if bitfield.has(self.missing, i)
-        ]
+        if self.inflight < self.config.max_inflight:
+            # Backoffs and deferrals matter only while a request slot is free.
+            missing = self.missing
+            if self.in_endgame():
+                limit = self.config.endgame_duplicates
+                times += [self._hedge_at(i) for i, r in self.pending.items() if len(r) < limit]
+            for p in self.peers.values():
+                if p.have & missing and not p.usable(now):
+                    times.append(max(p.blocked_until, p.banned_until))
+                times += [t for i, t in p.withheld.items() if bitfield.has(missing, i)]
         future = [t for t in times if t > now]
         return min(future) if future else None
 
