@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distd.engine import MAX_NEIGHBOURS
 from distd.swarm.peers import Failure
 from distd.swarm.picker import RarestFirst
 from distd.swarm.scheduler import Request, Scheduler, SchedulerConfig
@@ -173,6 +174,8 @@ class Simulation:
         """`node` subscribes to `peer`'s haves; the peer follows back (as HaveHub does)."""
         if peer.node_id in node.following or peer is node:
             return
+        if len(node.following) >= MAX_NEIGHBOURS or len(peer.followers) >= MAX_NEIGHBOURS * 2:
+            return
         node.following.add(peer.node_id)
         peer.followers.add(node.node_id)
 
@@ -220,7 +223,7 @@ class Simulation:
                 return
             if src is self.seeder and self.policy is not None:
                 digest = str(r.index)
-                if not self.policy.admit(digest, self.now):
+                if not self.policy.admit(digest, self.now, "img", len(self.sizes)):
                     self.deferred += 1
                     self.at(self.now + lat, lambda: self.fail(node, r, Failure.DEFERRED))
                     return

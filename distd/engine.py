@@ -36,6 +36,8 @@ SEEDER_ID = "seeder"
 READ_SLICE = 64 << 10
 # How long a follower waits before reconnecting to a neighbour whose stream broke.
 REFOLLOW_SECONDS = 2.0
+# Neighbours followed per image: the tracker's sample plus those who follow us back.
+MAX_NEIGHBOURS = 80
 
 
 @dataclass(eq=False)
@@ -92,8 +94,8 @@ class SwarmDownload:
         """A neighbour named by the tracker or by its own follow request: follow its haves."""
         if not self.ctx.p2p or node_id == self.ctx.node_id or node_id in self.links:
             return
-        if self.sched.complete:
-            return
+        if self.sched.complete or len(self.links) > MAX_NEIGHBOURS:
+            return  # enough neighbours: more only adds have-traffic and busy answers
         link = PeerLink(node_id, f"{self.ctx.scheme}://{address}", zone)
         self.links[node_id] = link
         link.task = asyncio.create_task(self._follow(link), name=f"follow-{node_id}")
@@ -206,6 +208,9 @@ class SwarmDownload:
         url = f"{link.url}/v1/chunks/{digest}"
         if not self.ctx.p2p:
             url += "?direct=1"
+        elif link.is_seeder:
+            # For super-seeding: which image this chunk is for, and how many it has.
+            url += f"?image={self.image.digest}&chunks={len(self.digests)}"
         async with self.ctx.session.get(url, headers=self.ctx.headers, timeout=timeout) as resp:
             if resp.status == 503:
                 deferred = resp.headers.get(H_DEFERRED) == "1"

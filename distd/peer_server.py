@@ -78,7 +78,10 @@ class ChunkServer:
         now = asyncio.get_running_loop().time()
         # `direct=1`: the asker has no peers to turn to (the central-distributor baseline).
         direct = request.query.get("direct") == "1"
-        if self.policy is not None and not direct and not self.policy.admit(digest, now):
+        image = request.query.get("image", "")
+        total = request.query.get("chunks", "")
+        hint = (image, int(total)) if wire.is_digest(image) and total.isdigit() else ("", 0)
+        if self.policy is not None and not direct and not self.policy.admit(digest, now, *hint):
             return self._refuse(request, H_DEFERRED, "handed out recently: get it from peers")
         self.active += 1
         try:
