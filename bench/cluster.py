@@ -448,6 +448,13 @@ def split_sizes(total: int, files: int) -> list[int]:
     return sizes
 
 
+def default_workdir() -> Path | None:
+    """tmpfs when the machine has one: N simulated nodes on one VM would otherwise share
+    one disk, which no real fleet does, and the bench would measure that disk."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 def make_random_tree(
     root: Path, size: int, files: int = 4, seed: int | None = None, block: int = 4 * MIB
 ) -> ImageTree:

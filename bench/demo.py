@@ -21,6 +21,7 @@ from bench.cluster import (
     MIB,
     Cluster,
     ClusterError,
+    default_workdir,
     install_signal_handlers,
     make_random_tree,
     quantile,
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: --nodes must be at least 1", file=sys.stderr)
         return 2
     install_signal_handlers()
-    work = Path(tempfile.mkdtemp(prefix="p2pdist-demo-"))
+    work = Path(tempfile.mkdtemp(prefix="p2pdist-demo-", dir=default_workdir()))
     keep = args.keep
     try:
         run(args, work)

@@ -36,6 +36,7 @@ from bench.cluster import (
     ImageTree,
     NodeMetrics,
     Samples,
+    default_workdir,
     install_signal_handlers,
     make_random_tree,
     quantile,
@@ -441,7 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample every /metrics this often while nodes pull, into the JSON "
         "(default %(default)s; 0 to turn off)",
     )
-    p.add_argument("--workdir", type=Path, default=None, help="where to make the temp dir")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=default_workdir(),
+        help="where to make the temp dir (default: /dev/shm when present, since N nodes on "
+        "one VM would otherwise share one disk)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (tree, data, logs)")
     return p
 
