@@ -202,6 +202,21 @@ def test_corrupt_peer_is_banned_and_its_chunks_go_elsewhere() -> None:
     assert sched.peers["liar"].banned_until >= 60
 
 
+def test_ban_outlives_the_liar_leaving_and_coming_back() -> None:
+    sched = Scheduler([100, 100], config=SchedulerConfig())
+    sched.add_peer("liar", have=0b11)
+    (req,) = sched.next_requests(0.0)
+    sched.on_failed("liar", req.index, Failure.CORRUPT, 0.1)
+    banned_until = sched.peers["liar"].banned_until
+    sched.remove_peer("liar")  # its have-stream ended ...
+    sched.add_peer("liar", have=0b11)  # ... and it is followed again
+    assert sched.peers["liar"].banned_until == banned_until
+    assert sched.next_requests(1.0) == []
+    assert sched.next_wakeup(1.0) == banned_until
+    sched.on_failed("liar", 0, Failure.CORRUPT, banned_until + 1)  # a second lie: longer
+    assert sched.peers["liar"].banned_until - (banned_until + 1) > banned_until - 0.1
+
+
 def test_timeouts_are_returned_for_cancelling_and_retried() -> None:
     sched = Scheduler([1 << 20], config=SchedulerConfig(timeout_base=1.0))
     sched.add_peer("a", have=1)

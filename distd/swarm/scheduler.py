@@ -68,6 +68,9 @@ class Scheduler:
         self.picker: Picker = picker or RarestFirst()
         self.rng = rng or random.Random()
         self.peers: dict[str, PeerState] = {}
+        # Bans outlive a neighbour's departure: a liar that drops its have-stream and is
+        # followed again (named by the tracker, or following us) must not start afresh.
+        self.bans: dict[str, tuple[int, float]] = {}  # peer id -> (corrupt, banned_until)
         self.availability = [0] * self.n  # non-seeder neighbours holding each chunk
         self.pending: dict[int, dict[str, Request]] = {}
         self.pending_bits = 0
@@ -99,6 +102,7 @@ class Scheduler:
         peer = self.peers.get(peer_id)
         if peer is None:
             peer = self.peers[peer_id] = PeerState(peer_id, zone, is_seeder)
+            peer.corrupt, peer.banned_until = self.bans.get(peer_id, (0, 0.0))
         self._set_have(peer, have & self.all)
 
     def remove_peer(self, peer_id: str) -> list[Request]:
@@ -106,6 +110,8 @@ class Scheduler:
         peer = self.peers.pop(peer_id, None)
         if peer is None:
             return []
+        if peer.corrupt:
+            self.bans[peer_id] = (peer.corrupt, peer.banned_until)
         self._set_have(peer, 0)
         return [self._drop(peer_id, i) for i in list(peer.inflight)]
 
