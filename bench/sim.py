@@ -219,7 +219,10 @@ class Simulation:
                 return  # cancelled on the way
             if len(src.ups) >= src.slots:
                 self.busy += 1
-                self.at(self.now + lat, lambda: self.fail(node, r, Failure.BUSY))
+                hint = min(
+                    max(0.0, f.left - f.rate * (self.now - f.updated)) / f.rate for f in src.ups
+                )
+                self.at(self.now + lat, lambda: self.fail(node, r, Failure.BUSY, hint))
                 return
             if src is self.seeder and self.policy is not None:
                 digest = str(r.index)
@@ -238,10 +241,12 @@ class Simulation:
         assert node.sched is not None
         return r.peer_id in node.sched.pending.get(r.index, {})
 
-    def fail(self, node: SimNode, r: Request, reason: Failure) -> None:
+    def fail(
+        self, node: SimNode, r: Request, reason: Failure, retry_after: float | None = None
+    ) -> None:
         assert node.sched is not None
         if self.pending(node, r) and node.finished is None:
-            node.sched.on_failed(r.peer_id, r.index, reason, self.now)
+            node.sched.on_failed(r.peer_id, r.index, reason, self.now, retry_after)
             self.drive(node)
 
     def cancel(self, node: SimNode, r: Request) -> None:

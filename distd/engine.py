@@ -20,7 +20,7 @@ import msgpack
 
 from distd.catalog import Image
 from distd.metrics import Metrics
-from distd.peer_server import H_DEFERRED
+from distd.peer_server import H_DEFERRED, H_RETRY_MS
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore
 from distd.swarm import bitfield
@@ -166,6 +166,7 @@ class SwarmDownload:
         link = self.links.get(req.peer_id)
         chunk = self.image.manifest.chunks[req.index]
         failure: Failure | None = None
+        retry_after: float | None = None
         loop = asyncio.get_running_loop()
         try:
             if link is None:
@@ -188,7 +189,7 @@ class SwarmDownload:
             self.tasks.pop(key, None)
             self._cancel(self.sched.on_received(req.peer_id, req.index, loop.time()))
         except _Refused as e:
-            failure = e.failure
+            failure, retry_after = e.failure, e.retry_after
         except ChunkError as e:
             log.warning("chunk %s from %s rejected: %s", chunk.digest[:16], req.peer_id, e)
             self.ctx.metrics.chunks_rejected.inc()
@@ -199,7 +200,7 @@ class SwarmDownload:
         finally:
             if failure is not None:
                 self.tasks.pop(key, None)
-                self.sched.on_failed(req.peer_id, req.index, failure, loop.time())
+                self.sched.on_failed(req.peer_id, req.index, failure, loop.time(), retry_after)
             self.wake.set()
 
     async def _download(self, link: PeerLink, digest: str, size: int) -> tuple[bytes, Encoding]:
@@ -213,8 +214,10 @@ class SwarmDownload:
             url += f"?image={self.image.digest}&chunks={len(self.digests)}"
         async with self.ctx.session.get(url, headers=self.ctx.headers, timeout=timeout) as resp:
             if resp.status == 503:
-                deferred = resp.headers.get(H_DEFERRED) == "1"
-                raise _Refused(Failure.DEFERRED if deferred else Failure.BUSY)
+                if resp.headers.get(H_DEFERRED) == "1":
+                    raise _Refused(Failure.DEFERRED)
+                hint = resp.headers.get(H_RETRY_MS, "")
+                raise _Refused(Failure.BUSY, int(hint) / 1000 if hint.isdigit() else None)
             if resp.status == 404:
                 raise _Refused(Failure.MISSING)
             if resp.status != 200:
@@ -263,6 +266,7 @@ class SwarmDownload:
 
 
 class _Refused(Exception):
-    def __init__(self, failure: Failure) -> None:
+    def __init__(self, failure: Failure, retry_after: float | None = None) -> None:
         super().__init__(failure.value)
         self.failure = failure
+        self.retry_after = retry_after

@@ -31,6 +31,7 @@ HAVE_STREAM = "application/x-msgpack-stream"
 KEEPALIVE_SECONDS = 10.0
 H_BUSY = "X-Busy"
 H_DEFERRED = "X-Deferred"
+H_RETRY_MS = "X-Retry-After-Ms"  # with busy: when the earliest upload should end
 _END = -1  # queued to a follower's stream to end it
 
 
@@ -59,9 +60,21 @@ class ChunkServer:
         self.on_sent = on_sent
         self.policy = policy
         self.active = 0
+        self.finishes: list[float] = []  # expected end of each upload in progress
         self.busy_answers = 0
         self.chunks_sent = 0
         self.bytes_sent = 0
+
+    def store_size(self, digest: str) -> int:
+        info = self.store.info(digest)
+        return info.stored_size if info is not None else 0
+
+    def _next_free_ms(self) -> int:
+        """When the earliest upload in progress should end, at this server's egress rate."""
+        if not self.finishes:
+            return 0
+        left = max(0.0, min(self.finishes) - asyncio.get_running_loop().time())
+        return int(left * 1000)
 
     @staticmethod
     def _refuse(request: web.Request, header: str, message: str) -> web.Response:
@@ -74,7 +87,9 @@ class ChunkServer:
             raise ApiError(404, f"no chunk {digest}")
         if self.active >= self.slots:
             self.busy_answers += 1
-            return self._refuse(request, H_BUSY, "busy: every upload slot is taken")
+            busy = self._refuse(request, H_BUSY, "busy: every upload slot is taken")
+            busy.headers[H_RETRY_MS] = str(self._next_free_ms())
+            return busy
         now = asyncio.get_running_loop().time()
         # `direct=1`: the asker has no peers to turn to (the central-distributor baseline).
         direct = request.query.get("direct") == "1"
@@ -84,6 +99,10 @@ class ChunkServer:
         if self.policy is not None and not direct and not self.policy.admit(digest, now, *hint):
             return self._refuse(request, H_DEFERRED, "handed out recently: get it from peers")
         self.active += 1
+        rate = self.bucket.rate
+        # Each upload gets about a slot's share of the cap: its expected end, for busy hints.
+        finish = now + (self.store_size(digest) * self.slots / rate if rate else 0.0)
+        self.finishes.append(finish)
         try:
             info, payload = await self.store.get(digest)
             headers = {
@@ -102,6 +121,7 @@ class ChunkServer:
             raise
         finally:
             self.active -= 1
+            self.finishes.remove(finish)
         self.chunks_sent += 1
         self.bytes_sent += len(payload)
         if self.on_sent is not None:

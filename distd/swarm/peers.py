@@ -66,10 +66,21 @@ class PeerState:
         self.rate = sample if self.rate == 0 else 0.7 * self.rate + 0.3 * sample
 
     def record_failure(
-        self, reason: Failure, now: float, penalties: Penalties, rng: random.Random
+        self,
+        reason: Failure,
+        now: float,
+        penalties: Penalties,
+        rng: random.Random,
+        retry_after: float | None = None,
     ) -> None:
         jitter = 1.0 + rng.random()
-        if reason is Failure.BUSY:
+        if reason is Failure.BUSY and retry_after is not None:
+            # The peer said when its next slot frees: come back then, not before, with a
+            # little jitter so that everyone told the same moment does not arrive at once.
+            self.busy += 1
+            wait = min(penalties.max_busy_backoff, max(0.0, retry_after))
+            self.blocked_until = now + wait * (1.0 + 0.25 * rng.random())
+        elif reason is Failure.BUSY:
             # Doubling on each busy answer in a row: a thousand nodes told "busy" by an
             # overloaded seeder spread out instead of coming back as one wave.
             self.busy += 1

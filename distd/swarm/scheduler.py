@@ -134,7 +134,15 @@ class Scheduler:
                 peer.record_success(self.sizes[index], now - req.sent)
         return self.mark_have(index)
 
-    def on_failed(self, peer_id: str, index: int, reason: Failure, now: float) -> None:
+    def on_failed(
+        self,
+        peer_id: str,
+        index: int,
+        reason: Failure,
+        now: float,
+        retry_after: float | None = None,
+    ) -> None:
+        """A request failed; `retry_after` is a busy peer's own estimate of its next free slot."""
         if peer_id in self.pending.get(index, {}):
             self._drop(peer_id, index)
         peer = self.peers.get(peer_id)
@@ -144,7 +152,7 @@ class Scheduler:
             self._set_have(peer, peer.have & ~(1 << index))
         elif reason is Failure.DEFERRED:
             peer.withheld[index] = now + self.config.penalties.defer_seconds
-        peer.record_failure(reason, now, self.config.penalties, self.rng)
+        peer.record_failure(reason, now, self.config.penalties, self.rng, retry_after)
 
     def expire(self, now: float) -> list[Request]:
         """Requests past their deadline: counted as timeouts and returned for cancelling."""
