@@ -83,6 +83,7 @@ class SwarmDownload:
         self.links: dict[str, PeerLink] = {}
         self.tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.landing: set[int] = set()
+        self.store_error: OSError | None = None  # the store refused a verified chunk
         self.wake = asyncio.Event()
         seeder = PeerLink(SEEDER_ID, ctx.seeder_url.rstrip("/"), is_seeder=True)
         self.links[SEEDER_ID] = seeder
@@ -176,6 +177,16 @@ class SwarmDownload:
             self.landing.add(req.index)
             try:
                 await self.ctx.store.put(chunk.digest, payload, encoding, chunk.size)
+            except OSError as e:
+                # Our disk, not the peer (full, read-only, quota): no use fetching more.
+                # `run` ends with this error, so the caller reports and backs off.
+                self.store_error = OSError(
+                    e.errno,
+                    f"cannot store chunk {chunk.digest[:16]} in {self.ctx.store.root}: "
+                    f"{e.strerror or e}",
+                )
+                failure = Failure.ERROR
+                return
             finally:
                 self.landing.discard(req.index)
             self.ctx.metrics.received(link.is_seeder, len(payload))
@@ -253,6 +264,8 @@ class SwarmDownload:
                 timeout = None if wake_at is None else max(0.0, wake_at - loop.time())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout)
+                if self.store_error is not None:
+                    raise self.store_error
         finally:
             await self.close()
 
