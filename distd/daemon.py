@@ -235,7 +235,7 @@ class Daemon:
     async def _watch_assignments(self) -> None:
         assert self.client is not None
         etag = ""
-        backoff = RETRY_MIN
+        backoff = retry = RETRY_MIN
         while True:
             try:
                 answer = await self.client.register(
@@ -254,23 +254,45 @@ class Daemon:
                 continue
             if answer["etag"] != etag:
                 etag = answer["etag"]
-                await self._reconcile(answer["assignments"])
+                if await self._reconcile(answer["assignments"]):
+                    retry = RETRY_MIN
+                else:
+                    # An image could not be taken in (seeder hiccup, disk full): take the
+                    # whole set again after a pause, even if it does not change.
+                    etag = ""
+                    await asyncio.sleep(retry * (1 + self.rng.random()))
+                    retry = min(RETRY_MAX, retry * 2)
 
-    async def _reconcile(self, assignments: list[dict[str, str]]) -> None:
+    async def _reconcile(self, assignments: list[dict[str, str]]) -> bool:
+        """Pull what is assigned, schedule the removal of the rest; False if an image
+        could not be taken in (its manifest not fetched or not saved)."""
         assert self.client is not None
+        complete = True
         wanted: dict[str, set[str]] = {}
         for a in assignments:
             wanted.setdefault(a["digest"], set()).add(a["name"])
         for digest, names in wanted.items():
             image = self.catalog.images.get(digest)
             if image is None:
+                what = f"image {', '.join(sorted(names))} ({digest[:16]})"
                 try:
                     data = await self.client.get_manifest(digest)
                     manifest = decode_manifest(data)
+                    image = self.catalog.add(digest, manifest)
                 except (SeederError, ValueError) as e:
-                    log.error("image %s (%s): %s", ", ".join(sorted(names)), digest[:16], e)
+                    log.error("%s: %s", what, e)
+                    complete = False
                     continue
-                image = self.catalog.add(digest, manifest)
+                except OSError as e:
+                    why = e.strerror or e
+                    log.error(
+                        "%s: cannot save its manifest in %s: %s",
+                        what,
+                        self.catalog.manifest_dir,
+                        why,
+                    )
+                    complete = False
+                    continue
             image.names = names
             image.remove_at = None
             self._start(image)
@@ -283,6 +305,7 @@ class Daemon:
                     "image %s unassigned; removing in %.0fs", image.digest[:16], self.cfg.gc_grace
                 )
         self.announce_now.set()
+        return complete
 
     # --- pulling ---------------------------------------------------------------------------
 
