@@ -217,6 +217,22 @@ def test_ban_outlives_the_liar_leaving_and_coming_back() -> None:
     assert sched.peers["liar"].banned_until - (banned_until + 1) > banned_until - 0.1
 
 
+def test_endgame_does_not_ask_a_seeder_again_for_a_chunk_it_deferred() -> None:
+    sched = Scheduler([100], config=SchedulerConfig())
+    sched.add_peer("seeder", is_seeder=True, have=1)
+    sched.add_peer("slow", have=1)
+    (first,) = sched.next_requests(0.0)
+    assert first.peer_id == "slow"
+    (hedge,) = sched.next_requests(1.5)  # running late: duplicated on the seeder
+    assert hedge.peer_id == "seeder"
+    sched.on_failed("seeder", 0, Failure.DEFERRED, 1.51)
+    assert sched.next_requests(1.52) == []
+    until = sched.peers["seeder"].withheld[0]
+    assert sched.next_wakeup(1.52) == until
+    (again,) = sched.next_requests(until)
+    assert again.peer_id == "seeder"
+
+
 def test_timeouts_are_returned_for_cancelling_and_retried() -> None:
     sched = Scheduler([1 << 20], config=SchedulerConfig(timeout_base=1.0))
     sched.add_peer("a", have=1)

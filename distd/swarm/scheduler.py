@@ -185,7 +185,10 @@ class Scheduler:
         if self.in_endgame():
             late = self._late(now)
             for p in usable:
-                self._fill(p, late & p.have & ~bitfield.from_indexes(p.inflight), now, out)
+                # Not a chunk the peer deferred: asked again at once, a seeder would answer
+                # "deferred" again, as fast as the round trip allows.
+                hedge = late & p.have & ~bitfield.from_indexes(p.inflight) & ~p.withheld_bits(now)
+                self._fill(p, hedge, now, out)
                 late = self._late(now)
         return out
 
