@@ -45,6 +45,7 @@ class Flow:
     updated: float = 0.0
     version: int = 0
     done: bool = False
+    seq: int = 0  # creation order: flows are visited in it, so a seed gives one result
 
 
 @dataclass(eq=False)
@@ -57,8 +58,9 @@ class SimNode:
     sched: Scheduler | None = None
     ups: set[Flow] = field(default_factory=set)
     downs: dict[tuple[str, int], Flow] = field(default_factory=dict)
-    followers: set[str] = field(default_factory=set)
-    following: set[str] = field(default_factory=set)
+    # dicts, not sets: str hashes vary per process, and iteration order must not
+    followers: dict[str, None] = field(default_factory=dict)
+    following: dict[str, None] = field(default_factory=dict)
     joined: float = 0.0
     finished: float | None = None
     wake_at: float = math.inf
@@ -176,8 +178,8 @@ class Simulation:
             return
         if len(node.following) >= MAX_NEIGHBOURS or len(peer.followers) >= MAX_NEIGHBOURS * 2:
             return
-        node.following.add(peer.node_id)
-        peer.followers.add(node.node_id)
+        node.following[peer.node_id] = None
+        peer.followers[node.node_id] = None
 
         def bitfield_arrives() -> None:
             assert node.sched is not None
@@ -230,7 +232,10 @@ class Simulation:
                     self.deferred += 1
                     self.at(self.now + lat, lambda: self.fail(node, r, Failure.DEFERRED))
                     return
-            flow = Flow(src, node, r.index, float(self.sizes[r.index]), updated=self.now)
+            self.seq += 1
+            flow = Flow(
+                src, node, r.index, float(self.sizes[r.index]), updated=self.now, seq=self.seq
+            )
             src.ups.add(flow)
             node.downs[(r.peer_id, r.index)] = flow
             self.reshare(src, node)
@@ -266,7 +271,7 @@ class Simulation:
         for n in ends:
             flows.update(n.ups)
             flows.update(n.downs.values())
-        for f in flows:
+        for f in sorted(flows, key=lambda f: f.seq):
             if f.done:
                 continue
             f.left -= f.rate * (self.now - f.updated)
