@@ -68,6 +68,21 @@ class EngineContext:
     rng: random.Random = field(default_factory=random.Random)
 
 
+def have_stream_decoder(n: int) -> msgpack.Unpacker:
+    """A msgpack decoder for a have-stream of an image of `n` chunks, bounded by what one
+    needs: a bitfield of n bits, or a batch of at most n indexes (5 bytes each at most),
+    so a hostile neighbour cannot make a node hold more than that per link."""
+    return msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=max(1 << 20, 8 * n + (64 << 10)),
+        max_array_len=max(2, n),
+        max_map_len=0,
+        max_str_len=64,
+        max_bin_len=(n + 7) // 8,
+        max_ext_len=0,
+    )
+
+
 class SwarmDownload:
     def __init__(self, image: Image, ctx: EngineContext) -> None:
         self.image = image
@@ -112,11 +127,9 @@ class SwarmDownload:
             ) as resp:
                 if resp.status != 200:
                     return
-                unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 24)
+                unpacker = have_stream_decoder(n)
                 async for data in resp.content.iter_any():
-                    unpacker.feed(data)
-                    for msg in unpacker:
-                        self._on_message(link, msg, n)
+                    self._on_data(link, unpacker, data, n)
                     self.wake.set()
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
             log.debug("following %s failed: %s", link.peer_id, e)
@@ -128,6 +141,18 @@ class SwarmDownload:
                     REFOLLOW_SECONDS, self.links.pop, link.peer_id, None
                 )
             self.wake.set()
+
+    def _on_data(self, link: PeerLink, unpacker: msgpack.Unpacker, data: bytes, n: int) -> None:
+        """Feed bytes of a neighbour's have-stream; act on every whole message.
+
+        Raises ValueError, and only that, on anything malformed or oversized.
+        """
+        try:
+            unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise ValueError("have-stream message larger than the image needs") from None
+        for msg in unpacker:
+            self._on_message(link, msg, n)
 
     def _on_message(self, link: PeerLink, msg: Any, n: int) -> None:
         if not isinstance(msg, list) or not msg:
@@ -141,7 +166,8 @@ class SwarmDownload:
                 if isinstance(i, int) and 0 <= i < n:
                     self.sched.peer_has(link.peer_id, i)
         elif kind != "ping":
-            raise ValueError(f"unknown have-stream message {kind!r}")
+            what = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
+            raise ValueError(f"unknown have-stream message {what}")
 
     @property
     def peer_count(self) -> int:
