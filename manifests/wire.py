@@ -140,4 +140,5 @@ def unpack(data: bytes, max_len: int = MAX_REQUEST_BODY) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, msgpack.UnpackException, TypeError) as e:
-        raise ValueError(f"malformed msgpack body: {e}") from None
+        # Some msgpack errors (a reserved byte) carry no message: name the error then.
+        raise ValueError(f"malformed msgpack body: {str(e) or type(e).__name__}") from None
