@@ -28,8 +28,8 @@ from distd.engine import EngineContext, SwarmDownload
 from distd.httpserver import middlewares, respond, serve
 from distd.metrics import CONTENT_TYPE, Metrics
 from distd.peer_server import ChunkServer, HaveHub
-from distd.pull import store_reader
 from distd.ratelimit import TokenBucket
+from distd.staging import StageFeeder
 from distd.store import ChunkStore
 from distd.swarm.scheduler import SchedulerConfig
 from manifests import wire
@@ -84,6 +84,7 @@ class Daemon:
         self.hub = HaveHub(self.catalog, on_follower=self._on_follower)
         self.catalog.on_have.append(self._on_have)
         self.downloads: dict[str, SwarmDownload] = {}
+        self.feeders: dict[str, StageFeeder] = {}  # images being materialized as they arrive
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.address = config.advertise
         self.stop = asyncio.Event()
@@ -159,6 +160,9 @@ class Daemon:
             dl.add_peer(node_id, address, zone)
 
     def _on_have(self, image: Image, index: int) -> None:
+        feeder = self.feeders.get(image.digest)
+        if feeder is not None:
+            feeder.feed(image.manifest.chunks[index].digest)
         dl = self.downloads.get(image.digest)
         if dl is not None:
             dl.on_have(index)
@@ -346,21 +350,25 @@ class Daemon:
         while True:
             image.state = State.PULLING
             try:
-                if not image.complete:
-                    dl = SwarmDownload(image, self._context())
-                    self.downloads[image.digest] = dl
-                    self.announce_now.set()
-                    try:
-                        await dl.run()
-                    finally:
-                        self.downloads.pop(image.digest, None)
-                await asyncio.to_thread(
-                    materialize.materialize,
-                    image.manifest,
-                    store_reader(self.store),
-                    self.catalog.path(image.digest),
-                    replace=True,
+                # The tree is built as chunks are stored, so once the last one lands
+                # only the check, the sync and the rename are left.
+                feeder = await StageFeeder.open(
+                    image.manifest, self.store, self.catalog.path(image.digest)
                 )
+                self.feeders[image.digest] = feeder
+                try:
+                    if not image.complete:
+                        dl = SwarmDownload(image, self._context())
+                        self.downloads[image.digest] = dl
+                        self.announce_now.set()
+                        try:
+                            await dl.run()
+                        finally:
+                            self.downloads.pop(image.digest, None)
+                    await feeder.finish()
+                finally:
+                    self.feeders.pop(image.digest, None)
+                    await feeder.close()
             except (OSError, materialize.MaterializeError, ValueError) as e:
                 image.state = State.FAILED
                 image.error = str(e)

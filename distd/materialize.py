@@ -342,7 +342,10 @@ class _Builder:
             os.close(fd)
 
     def write_files(self, files: list[Entry], workers: int) -> None:
-        """Write files on a small pool (hashing and writes release the GIL); first error wins."""
+        self.each_file(self.write_file, files, workers)
+
+    def each_file(self, fn: Callable[[Entry], None], files: list[Entry], workers: int) -> None:
+        """Run `fn` per file on a small pool (hashing and I/O release the GIL); first error wins."""
         it: Iterator[Entry] = iter(sorted(files, key=lambda e: -e.size))
 
         def run() -> None:
@@ -352,7 +355,7 @@ class _Builder:
                 if e is None:
                     return
                 try:
-                    self.on_entry(self.write_file, e)
+                    self.on_entry(fn, e)
                 except BaseException as err:
                     with self.lock:
                         if self.error is None:
@@ -390,20 +393,28 @@ class _Builder:
         finally:
             os.close(dfd)
 
-    def build(self, workers: int) -> None:
+    def make_nodes(self) -> list[Entry]:
+        """Directories and symlinks in path order (parents first); returns the entries sorted."""
         entries = sorted(self.manifest.entries, key=lambda e: e.path.encode())
         for e in entries:
             _split(e.path)
-        # Directories and symlinks in path order (parents first), then the files.
         for e in entries:
             if e.kind is not Kind.FILE:
                 self.check()
                 self.on_entry(self.make_node, e)
-        self.write_files([e for e in entries if e.kind is Kind.FILE], workers)
+        return entries
+
+    def seal(self, entries: list[Entry]) -> None:
+        """Directory modes (deepest first), the root's mode, then one syncfs for the tree."""
         self.set_dir_modes([e for e in entries if e.kind is Kind.DIR])
         os.fchmod(self.root_fd, _ROOT_MODE)
         self.check()
         _syncfs(self.root_fd)
+
+    def build(self, workers: int) -> None:
+        entries = self.make_nodes()
+        self.write_files([e for e in entries if e.kind is Kind.FILE], workers)
+        self.seal(entries)
 
 
 def _describe_entry(err: OSError, path: str) -> str:
@@ -552,3 +563,232 @@ def _materialize_in(
         os.close(root_fd)
     if old is not None:
         _remove(dest.parent, old)
+
+
+_STAGE_WRITE = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_STAGE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_HASH_BLOCK = 1 << 20
+
+
+def _no_reader(digest: str, size: int) -> bytes:
+    raise AssertionError("a staged image is written with write_chunk")
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class StagedImage:
+    """An image built while its chunks arrive, in any order, then verified and put in place.
+
+    The constructor (blocking) makes the locked temp dir beside `dest` with every
+    directory and symlink, and every regular file at its final size, owner-only.
+    `write_chunk` (thread-safe) writes a chunk's raw bytes at every place the image
+    uses it; no fd stays open between calls. `finish` checks every chunk was written,
+    reads every file back against its SHA-256 in the manifest (so what is renamed
+    into place is complete and verified, whatever was written), sets modes, syncs
+    once and renames into place as `materialize` does. `close` (or a failed
+    `finish`) removes the temp dir; a crash leaves it to `sweep_temp_dirs`.
+    """
+
+    def __init__(self, manifest: Manifest, dest: Path, *, replace: bool = False) -> None:
+        dest = Path(os.path.abspath(dest))
+        if not dest.name or dest.name in (".", ".."):
+            raise MaterializeError(f"{dest} is not a usable destination")
+        if not replace and os.path.lexists(dest):
+            raise DestExistsError(f"{dest} already exists")
+        self.manifest = manifest
+        self.dest = dest
+        self.replace = replace
+        self.cancel = threading.Event()
+        self._lock = threading.Lock()  # the root fd's life, and `_written`
+        self._finishing = threading.Lock()
+        self._closed = False
+        self._written: set[str] = set()
+        table = manifest.chunk_map()
+        self._where: dict[str, list[tuple[str, int]]] = {}  # digest -> (file, offset)
+        self._sizes: dict[str, int] = {}
+        for e in manifest.entries:
+            if e.kind is not Kind.FILE:
+                continue
+            offset = 0
+            for d in e.chunks:
+                c = table.get(d)
+                if c is None:
+                    raise MaterializeError(f"entry {e.path!r}: chunk {d[:16]} is not in the table")
+                self._where.setdefault(d, []).append((e.path, offset))
+                self._sizes[d] = c.size
+                offset += c.size
+            if offset != e.size:
+                raise MaterializeError(
+                    f"entry {e.path!r}: chunks hold {offset} bytes, not {e.size}"
+                )
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._pfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise MaterializeError(_describe(e, dest)) from None
+        try:
+            self._tmp, self._root_fd = _make_temp(self._pfd, dest.name)
+        except OSError as e:
+            os.close(self._pfd)
+            raise MaterializeError(_describe(e, dest)) from None
+        self._builder = _Builder(manifest, _no_reader, self._root_fd, None, self.cancel)
+        try:
+            self._entries = self._builder.make_nodes()
+            for entry in self._entries:
+                if entry.kind is Kind.FILE:
+                    self._builder.on_entry(self._create, entry)
+        except BaseException as err:
+            self._teardown()
+            if isinstance(err, OSError):
+                raise MaterializeError(_describe(err, dest)) from None
+            raise
+
+    def _create(self, e: Entry) -> None:
+        parts = _split(e.path)
+        pfd = _open_parent(self._root_fd, parts, e.path)
+        try:
+            fd = os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            raise MaterializeError(f"entry {e.path!r} appears twice") from None
+        finally:
+            os.close(pfd)
+        try:
+            os.ftruncate(fd, e.size)
+        finally:
+            os.close(fd)
+
+    def _open(self, path: str, flags: int) -> int:
+        """Open a file of the tree (never through a symlink), unless we are closed."""
+        with self._lock:
+            if self._closed or self.cancel.is_set():
+                raise _Cancelled("staged image cancelled")
+            parts = _split(path)
+            pfd = _open_parent(self._root_fd, parts, path)
+            try:
+                return os.open(parts[-1], flags, dir_fd=pfd)
+            except OSError as err:
+                raise MaterializeError(_describe_entry(err, path)) from None
+            finally:
+                os.close(pfd)
+
+    def digests(self) -> list[str]:
+        """Every chunk the files use, each once."""
+        return list(self._where)
+
+    def chunk_size(self, digest: str) -> int:
+        return self._sizes[digest]
+
+    def needs(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._where and digest not in self._written
+
+    def write_chunk(self, digest: str, raw: bytes) -> None:
+        """Write a chunk's raw bytes everywhere the image uses it (blocking, thread-safe)."""
+        places = self._where.get(digest)
+        if places is None:
+            raise MaterializeError(f"chunk {digest[:16]} is not in this image")
+        if len(raw) != self._sizes[digest]:
+            raise ContentError(
+                f"chunk {digest[:16]} is {len(raw)} bytes, not {self._sizes[digest]}", places[0][0]
+            )
+        for path, offset in places:
+            fd = self._open(path, _STAGE_WRITE)
+            try:
+                _pwrite_all(fd, raw, offset)
+            except OSError as err:
+                raise MaterializeError(_describe_entry(err, path)) from None
+            finally:
+                os.close(fd)
+        with self._lock:
+            self._written.add(digest)
+
+    def _verify(self, e: Entry) -> None:
+        fd = self._open(e.path, _STAGE_READ)
+        try:
+            if os.fstat(fd).st_size != e.size:
+                raise MaterializeError(f"entry {e.path!r}: file is not {e.size} bytes")
+            hasher = hashlib.sha256()
+            buf = bytearray(min(_HASH_BLOCK, max(e.size, 1)))
+            view = memoryview(buf)
+            offset = 0
+            while offset < e.size:
+                self._builder.check()
+                n = os.preadv(fd, [view], offset)
+                if n <= 0:
+                    raise MaterializeError(f"entry {e.path!r}: file ends at {offset} bytes")
+                hasher.update(view[:n])
+                offset += n
+            actual = hasher.hexdigest()
+            if actual != e.sha256:
+                raise ContentError(
+                    f"entry {e.path!r}: content SHA-256 {actual[:16]} does not match "
+                    f"the manifest's {e.sha256[:16]}",
+                    e.path,
+                )
+            os.fchmod(fd, e.mode & 0o7777)
+        finally:
+            os.close(fd)
+
+    def finish(self, workers: int = 2) -> None:
+        """Verify, seal and rename into place (blocking); on any failure the temp dir goes."""
+        with self._finishing:
+            old: str | None = None
+            try:
+                self._builder.check()
+                if self._closed:
+                    raise _Cancelled("staged image closed")
+                missing = [d for d in self._where if d not in self._written]
+                if missing:
+                    raise MaterializeError(
+                        f"{len(missing)} chunks never written (chunk {missing[0][:16]} first)"
+                    )
+                files = [e for e in self._entries if e.kind is Kind.FILE]
+                self._builder.each_file(self._verify, files, workers)
+                self._builder.seal(self._entries)
+                self._builder.check()
+                try:
+                    old = _put_in_place(
+                        self._pfd, self._tmp, self.dest.name, self.dest, self.replace
+                    )
+                except FileExistsError:
+                    raise DestExistsError(f"{self.dest} already exists") from None
+                _fsync_dir(self._pfd)
+            except OSError as e:
+                self._teardown()
+                raise MaterializeError(_describe(e, self.dest)) from None
+            except BaseException:
+                self._teardown()
+                raise
+            self._teardown(placed=True)
+            if old is not None:
+                _remove(self.dest.parent, old)
+
+    def close(self) -> None:
+        """Give up: remove the temp dir (no-op once finished or closed)."""
+        self.cancel.set()
+        with self._finishing:
+            self._teardown()
+
+    def _teardown(self, placed: bool = False) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if not placed:
+                    _remove(self.dest.parent, self._tmp)
+            finally:
+                os.close(self._root_fd)
+                os.close(self._pfd)
+
+    def __enter__(self) -> StagedImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -6,8 +6,10 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import random
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -351,6 +353,8 @@ def test_hostile_manifest_never_escapes(tmp_path: Path, entries: list[Entry]) ->
     dest = work / "image"
     with pytest.raises(MaterializeError):
         materialize(manifest, _reader(raw), dest)
+    with pytest.raises(MaterializeError):  # staged: refused when the tree is laid out
+        mat.StagedImage(manifest, dest)
     assert snapshot(outside) == before
     assert sorted(os.listdir(tmp_path)) == ["outside", "work"]
     assert os.listdir(work) == []
@@ -518,3 +522,90 @@ def test_temp_dir_swept_before_it_was_locked(
     assert len(swept) == 1
     assert snapshot(out / "image") == snapshot(src)
     assert _leftovers(out) == []
+
+
+# --- StagedImage: built while chunks arrive --------------------------------------------------
+
+
+def test_staged_random_order_is_byte_identical(
+    tmp_path: Path, rich: tuple[Path, Manifest, dict[str, bytes]]
+) -> None:
+    src, manifest, raw = rich
+    dest = tmp_path / "out" / "image"
+    stage = mat.StagedImage(manifest, dest)
+    order = stage.digests()
+    assert set(order) <= set(raw)
+    random.Random(7).shuffle(order)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda d: stage.write_chunk(d, raw[d]), order))
+    stage.write_chunk(order[0], raw[order[0]])  # a repeat is harmless
+    assert not any(stage.needs(d) for d in order)
+    assert not os.path.lexists(dest)
+    stage.finish()
+    stage.close()  # a no-op once finished
+    assert snapshot(dest) == snapshot(src)
+    assert _leftovers(dest.parent) == []
+
+
+def test_staged_corrupt_chunk_fails_finish(
+    tmp_path: Path, rich: tuple[Path, Manifest, dict[str, bytes]]
+) -> None:
+    _src, manifest, raw = rich
+    dest = tmp_path / "out" / "image"
+    stage = mat.StagedImage(manifest, dest)
+    victim = next(e for e in manifest.entries if e.path == "three-chunks").chunks[1]
+    for d in stage.digests():
+        data = raw[d]
+        stage.write_chunk(d, bytes([data[0] ^ 1]) + data[1:] if d == victim else data)
+    with pytest.raises(mat.ContentError, match="three") as info:
+        stage.finish()
+    assert info.value.path in ("three-chunks", "copy-of-three")  # they share the chunk
+    assert not os.path.lexists(dest)
+    assert _leftovers(dest.parent) == []
+    with pytest.raises(MaterializeError):
+        stage.write_chunk(victim, raw[victim])  # closed
+
+
+def test_staged_missing_chunk_and_cancel_clean_up(
+    tmp_path: Path, rich: tuple[Path, Manifest, dict[str, bytes]]
+) -> None:
+    _src, manifest, raw = rich
+    dest = tmp_path / "out" / "image"
+    stage = mat.StagedImage(manifest, dest)
+    digests = stage.digests()
+    for d in digests[1:]:
+        stage.write_chunk(d, raw[d])
+    with pytest.raises(MaterializeError, match="never written"):
+        stage.finish()
+    assert _leftovers(dest.parent) == [] and not os.path.lexists(dest)
+
+    with mat.StagedImage(manifest, dest) as stage:
+        stage.write_chunk(digests[0], raw[digests[0]])
+        assert len(_leftovers(dest.parent)) == 1
+        # A live staging is locked: a sweep leaves it alone.
+        assert sweep_temp_dirs(dest.parent) == 0
+    assert _leftovers(dest.parent) == [] and not os.path.lexists(dest)
+
+    stage = mat.StagedImage(manifest, dest)
+    stage.cancel.set()
+    with pytest.raises(MaterializeError, match="cancelled"):
+        stage.finish()
+    assert _leftovers(dest.parent) == [] and not os.path.lexists(dest)
+
+
+def test_staged_replaces_and_refuses(
+    tmp_path: Path, rich: tuple[Path, Manifest, dict[str, bytes]]
+) -> None:
+    src, manifest, raw = rich
+    dest = tmp_path / "out" / "image"
+    dest.mkdir(parents=True)
+    (dest / "old").write_bytes(b"old")
+    with pytest.raises(DestExistsError):
+        mat.StagedImage(manifest, dest)
+    stage = mat.StagedImage(manifest, dest, replace=True)
+    for d in stage.digests():
+        stage.write_chunk(d, raw[d])
+    assert (dest / "old").exists()  # untouched until the rename
+    stage.finish()
+    assert snapshot(dest) == snapshot(src)
+    assert _leftovers(dest.parent) == []
