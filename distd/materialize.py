@@ -570,6 +570,16 @@ _STAGE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _HASH_BLOCK = 1 << 20
 
 
+class _Progress:
+    """How far one staged file has been hashed, reading it back chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, int, int]] = []  # digest, offset, size
+        self.done = 0  # chunks hashed
+        self.hasher = hashlib.sha256()
+        self.lock = threading.Lock()
+
+
 def _no_reader(digest: str, size: int) -> bytes:
     raise AssertionError("a staged image is written with write_chunk")
 
@@ -609,6 +619,8 @@ class StagedImage:
         self._finishing = threading.Lock()
         self._closed = False
         self._written: set[str] = set()
+        self._claimed: set[str] = set()  # being written now
+        self._progress: dict[str, _Progress] = {}
         table = manifest.chunk_map()
         self._where: dict[str, list[tuple[str, int]]] = {}  # digest -> (file, offset)
         self._sizes: dict[str, int] = {}
@@ -616,11 +628,13 @@ class StagedImage:
             if e.kind is not Kind.FILE:
                 continue
             offset = 0
+            progress = self._progress[e.path] = _Progress()
             for d in e.chunks:
                 c = table.get(d)
                 if c is None:
                     raise MaterializeError(f"entry {e.path!r}: chunk {d[:16]} is not in the table")
                 self._where.setdefault(d, []).append((e.path, offset))
+                progress.chunks.append((d, offset, c.size))
                 self._sizes[d] = c.size
                 offset += c.size
             if offset != e.size:
@@ -689,7 +703,12 @@ class StagedImage:
             return digest in self._where and digest not in self._written
 
     def write_chunk(self, digest: str, raw: bytes) -> None:
-        """Write a chunk's raw bytes everywhere the image uses it (blocking, thread-safe)."""
+        """Write a chunk's raw bytes everywhere the image uses it (blocking, thread-safe).
+
+        A chunk already written (or being written) is left alone, so bytes once
+        hashed never change. Each file's hash is then carried forward over the
+        written prefix, read back from the file, so `finish` has little left to hash.
+        """
         places = self._where.get(digest)
         if places is None:
             raise MaterializeError(f"chunk {digest[:16]} is not in this image")
@@ -697,34 +716,62 @@ class StagedImage:
             raise ContentError(
                 f"chunk {digest[:16]} is {len(raw)} bytes, not {self._sizes[digest]}", places[0][0]
             )
-        for path, offset in places:
-            fd = self._open(path, _STAGE_WRITE)
+        with self._lock:
+            if digest in self._written or digest in self._claimed:
+                return
+            self._claimed.add(digest)
+        try:
+            for path, offset in places:
+                fd = self._open(path, _STAGE_WRITE)
+                try:
+                    _pwrite_all(fd, raw, offset)
+                except OSError as err:
+                    raise MaterializeError(_describe_entry(err, path)) from None
+                finally:
+                    os.close(fd)
+            with self._lock:
+                self._written.add(digest)
+        finally:
+            with self._lock:
+                self._claimed.discard(digest)
+        for path in dict.fromkeys(p for p, _ in places):
+            self._advance(path, final=False)
+
+    def _advance(self, path: str, final: bool) -> str:
+        """Hash `path` forward over its written chunks (all of it when `final`)."""
+        progress = self._progress[path]
+        with progress.lock:
+            chunks = progress.chunks
+            if progress.done == len(chunks) and not final:
+                return ""
+            fd = self._open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                _pwrite_all(fd, raw, offset)
+                while progress.done < len(chunks):
+                    d, offset, size = chunks[progress.done]
+                    with self._lock:
+                        if d not in self._written:
+                            break
+                    while size > 0:
+                        self._builder.check()
+                        data = os.pread(fd, min(size, _HASH_BLOCK), offset)
+                        if not data:
+                            raise MaterializeError(f"entry {path!r}: file ends at {offset} bytes")
+                        progress.hasher.update(data)
+                        offset += len(data)
+                        size -= len(data)
+                    progress.done += 1
+                return progress.hasher.hexdigest() if final else ""
             except OSError as err:
                 raise MaterializeError(_describe_entry(err, path)) from None
             finally:
                 os.close(fd)
-        with self._lock:
-            self._written.add(digest)
 
     def _verify(self, e: Entry) -> None:
         fd = self._open(e.path, _STAGE_READ)
         try:
             if os.fstat(fd).st_size != e.size:
                 raise MaterializeError(f"entry {e.path!r}: file is not {e.size} bytes")
-            hasher = hashlib.sha256()
-            buf = bytearray(min(_HASH_BLOCK, max(e.size, 1)))
-            view = memoryview(buf)
-            offset = 0
-            while offset < e.size:
-                self._builder.check()
-                n = os.preadv(fd, [view], offset)
-                if n <= 0:
-                    raise MaterializeError(f"entry {e.path!r}: file ends at {offset} bytes")
-                hasher.update(view[:n])
-                offset += n
-            actual = hasher.hexdigest()
+            actual = self._advance(e.path, final=True)
             if actual != e.sha256:
                 raise ContentError(
                     f"entry {e.path!r}: content SHA-256 {actual[:16]} does not match "

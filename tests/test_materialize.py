@@ -562,8 +562,9 @@ def test_staged_corrupt_chunk_fails_finish(
     assert info.value.path in ("three-chunks", "copy-of-three")  # they share the chunk
     assert not os.path.lexists(dest)
     assert _leftovers(dest.parent) == []
-    with pytest.raises(MaterializeError):
-        stage.write_chunk(victim, raw[victim])  # closed
+    stage.write_chunk(victim, raw[victim])  # once written, a chunk is never rewritten
+    with pytest.raises(MaterializeError, match="cancelled"):
+        stage.finish()  # closed
 
 
 def test_staged_missing_chunk_and_cancel_clean_up(
@@ -578,6 +579,8 @@ def test_staged_missing_chunk_and_cancel_clean_up(
     with pytest.raises(MaterializeError, match="never written"):
         stage.finish()
     assert _leftovers(dest.parent) == [] and not os.path.lexists(dest)
+    with pytest.raises(MaterializeError, match="cancelled"):
+        stage.write_chunk(digests[0], raw[digests[0]])  # a late write finds it closed
 
     with mat.StagedImage(manifest, dest) as stage:
         stage.write_chunk(digests[0], raw[digests[0]])
