@@ -226,7 +226,11 @@ async def put_chunk(request: web.Request) -> web.Response:
     if s.store.has(digest):
         # Verified when it was stored; no need to take the bytes again.
         return respond(request, {"digest": digest, "stored": False}, 200)
-    payload = await read_body(request, MAX_CHUNK_SIZE)
+    declared = request.content_length
+    if declared is not None and declared > size:
+        # Raw, a chunk is exactly its size; compressed, smaller: refuse before reading it.
+        raise ApiError(413, f"chunk body of {declared} bytes is larger than its {size}-byte chunk")
+    payload = await read_body(request, size)
     s.counters.bytes_received += len(payload)
     try:
         stored = await s.store.put(digest, payload, encoding, size)
