@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 
 SLICE_SIZE = 64 << 10
 CUT_SHORT = "cut_short"
+# A connection that has not sent a whole request head this long after it opened (or after
+# its last response) is closed: idle keep-alive connections and slow-loris clients alike.
+# aiohttp's own default is an hour. Longer than aiohttp clients keep an idle connection
+# (15 s), so a client never sends on one the server is about to close.
+IDLE_TIMEOUT = 30.0
+# A request body must arrive within BODY_GRACE seconds plus one per BODY_MIN_RATE bytes.
+BODY_GRACE = 30.0
+BODY_MIN_RATE = 16 << 10
+# Pending connections the kernel queues for accept(): a burst of a thousand peers at
+# once is then served, not dropped and retried by TCP a second later.
+BACKLOG = 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,10 +77,20 @@ def respond(
 
 
 async def read_body(request: web.Request, limit: int = wire.MAX_REQUEST_BODY) -> bytes:
-    """The whole request body, refused with 413 as soon as it is known to exceed `limit`."""
+    """The whole request body, refused with 413 as soon as it is known to exceed `limit`,
+    and with 408 when it trickles in slower than BODY_GRACE + BODY_MIN_RATE allow."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise ApiError(413, f"request body of {declared} bytes is over the {limit}-byte limit")
+    seconds = BODY_GRACE + (declared if declared is not None else limit) / BODY_MIN_RATE
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_body(request, declared, limit)
+    except TimeoutError:
+        raise ApiError(408, f"request body did not arrive within {seconds:.0f} s") from None
+
+
+async def _read_body(request: web.Request, declared: int | None, limit: int) -> bytes:
     if declared is not None:
         # One read of the declared length: slicing a 4 MiB chunk into 64 KiB pieces kept
         # the event loop (and the GIL) busy enough to slow the store's write threads.
@@ -251,21 +272,29 @@ async def serve(
     stop: asyncio.Event | None = None,
     shutdown_timeout: float = 10.0,
     ssl_context: ssl.SSLContext | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
 ) -> None:
     """Run `app` until SIGTERM/SIGINT (or `stop`), then let requests in flight finish.
 
     `on_ready` hears the bound host and port (useful with port 0). Binding errors
     (port in use, bad address) propagate as OSError before anything is served.
-    With `ssl_context` the listener speaks only TLS.
+    With `ssl_context` the listener speaks only TLS. A connection without a whole
+    request head for `idle_timeout` seconds is closed (see IDLE_TIMEOUT).
     """
     stop = stop or asyncio.Event()
     kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout, **kwargs)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=idle_timeout,
+        **kwargs,
+    )
     await runner.setup()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=BACKLOG)
         await site.start()
         for sig in signals:
             loop.add_signal_handler(sig, stop.set)

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from distd.catalog import Catalog, Image
 from distd.engine import EngineContext, SwarmDownload
-from distd.httpserver import middlewares
+from distd.httpserver import BACKLOG, IDLE_TIMEOUT, middlewares
 from distd.metrics import Metrics
 from distd.peer_server import ChunkServer, HaveHub
 from distd.pull import FetchStats, PullError
@@ -142,11 +142,13 @@ class SwarmPull:
             handle_signals=False,
             access_log=None,
             shutdown_timeout=SHUTDOWN_SECONDS,
+            keepalive_timeout=IDLE_TIMEOUT,
         )
         await runner.setup()
         self._runner = runner
         host, port = self.cfg.listen
-        await web.TCPSite(runner, host, port, ssl_context=self.cfg.server_ssl).start()
+        site = web.TCPSite(runner, host, port, ssl_context=self.cfg.server_ssl, backlog=BACKLOG)
+        await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         if not self.address:
             wildcard = bound_host in ("0.0.0.0", "::", "")
