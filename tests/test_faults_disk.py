@@ -23,14 +23,13 @@ import random
 import re
 import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
-from treeutil import rmtree_force, snapshot
+from treeutil import GENEROUS, scratch, snapshot, wait_for
 
 from bench.cluster import MIB, Cluster, Node, make_random_tree
 from manifests.client import SeederClient
@@ -39,7 +38,6 @@ from manifests.validate import decode_manifest
 
 pytestmark = pytest.mark.timeout(240)
 
-GENEROUS = 90.0
 FAST = ("--announce-interval", "1")
 KILLS = 24
 SEED = 20240606
@@ -47,28 +45,6 @@ DISK_FULL = re.compile(r"no space left|disk full|ENOSPC|errno 28", re.IGNORECASE
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def scratch(name: str) -> Iterator[Path]:
-    """A fresh directory on /dev/shm when there is one; P2PDIST_KEEP=1 keeps it."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    path = Path(tempfile.mkdtemp(prefix=f"p2pdist-{name}-", dir=base))
-    try:
-        yield path
-    finally:
-        if os.environ.get("P2PDIST_KEEP") == "1":
-            print(f"kept {path}")
-        else:
-            rmtree_force(path)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = GENEROUS) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def check_store(data_dir: Path) -> tuple[set[str], set[Path]]:

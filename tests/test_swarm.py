@@ -16,16 +16,15 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from treeutil import rmtree_force, snapshot
+from treeutil import GENEROUS, scratch, snapshot, wait_for
 
 from bench.cluster import (
     MIB,
@@ -44,34 +43,10 @@ from manifests.validate import decode_manifest
 
 pytestmark = pytest.mark.timeout(180)
 
-GENEROUS = 90.0  # seconds any single wait may take before the test fails
 FAST = ("--announce-interval", "1")
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def scratch(name: str) -> Iterator[Path]:
-    """A fresh directory on /dev/shm (tmpfs) when available, removed afterwards unless
-    P2PDIST_KEEP=1 (then the logs stay for a post-mortem)."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    path = Path(tempfile.mkdtemp(prefix=f"p2pdist-{name}-", dir=base))
-    try:
-        yield path
-    finally:
-        if os.environ.get("P2PDIST_KEEP") == "1":
-            print(f"kept {path}")
-        else:
-            rmtree_force(path)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = GENEROUS) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def get_manifest(cluster: Cluster, digest: str) -> Manifest:

@@ -6,10 +6,14 @@ bits, and content SHA-256 or symlink target for every path below the root.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from manifests.chunking import encode_chunk
@@ -86,3 +90,29 @@ def rmtree_force(path: str | Path) -> None:
         shutil.rmtree(path)
     else:
         os.unlink(path)
+
+
+GENEROUS = 90.0  # seconds any single wait in a multi-process test may take
+
+
+@contextlib.contextmanager
+def scratch(name: str) -> Iterator[Path]:
+    """A fresh directory on /dev/shm (tmpfs) when available, removed afterwards unless
+    P2PDIST_KEEP=1 (then the logs stay for a post-mortem)."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix=f"p2pdist-{name}-", dir=base))
+    try:
+        yield path
+    finally:
+        if os.environ.get("P2PDIST_KEEP") == "1":
+            print(f"kept {path}")
+        else:
+            rmtree_force(path)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = GENEROUS) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
