@@ -7,6 +7,8 @@ No I/O and no clock of its own: `now` is passed in.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -35,6 +37,61 @@ class Member:
         }
 
 
+class _Swarm:
+    """One image's members, with each zone's non-seeders in a list for O(k) random samples.
+
+    A list per zone, and each member's position in it, make adding and removing O(1)
+    (the last id moves into the hole) and let `random.sample` draw k members without
+    copying or shuffling the whole swarm.
+    """
+
+    __slots__ = ("index", "members", "seeders", "swept", "zones")
+
+    def __init__(self, now: float) -> None:
+        self.members: dict[str, Member] = {}
+        self.zones: dict[str, list[str]] = {}  # zone -> ids of its non-seeder members
+        self.index: dict[str, int] = {}  # id -> position in its zone's list
+        self.seeders: list[str] = []
+        self.swept = now
+
+    def add(self, m: Member) -> None:
+        old = self.members.get(m.node_id)
+        self.members[m.node_id] = m
+        if old is not None and (old.zone, old.is_seeder) == (m.zone, m.is_seeder):
+            return
+        if old is not None:
+            self._unlist(old)
+        if m.is_seeder:
+            self.seeders.append(m.node_id)
+        else:
+            ids = self.zones.setdefault(m.zone, [])
+            self.index[m.node_id] = len(ids)
+            ids.append(m.node_id)
+
+    def _unlist(self, m: Member) -> None:
+        if m.is_seeder:
+            self.seeders.remove(m.node_id)
+            return
+        ids = self.zones[m.zone]
+        i = self.index.pop(m.node_id)
+        last = ids.pop()
+        if i < len(ids):
+            ids[i] = last
+            self.index[last] = i
+        if not ids:
+            del self.zones[m.zone]
+
+    def remove(self, node_id: str) -> None:
+        m = self.members.pop(node_id, None)
+        if m is not None:
+            self._unlist(m)
+
+    def sweep(self, now: float) -> None:
+        for node_id in [k for k, m in self.members.items() if m.expires <= now]:
+            self.remove(node_id)
+        self.swept = now
+
+
 class Tracker:
     def __init__(
         self,
@@ -45,7 +102,7 @@ class Tracker:
         self.ttl = ttl
         self.sample = sample
         self.rng = rng or random.Random()
-        self.swarms: dict[str, dict[str, Member]] = {}
+        self.swarms: dict[str, _Swarm] = {}
 
     def announce(
         self,
@@ -60,38 +117,76 @@ class Tracker:
         now: float,
     ) -> list[Member]:
         """Record the announcing node and answer with a sample of the others."""
-        swarm = self.swarms.setdefault(image, {})
-        swarm[node_id] = Member(node_id, address, zone, have, total, is_seeder, now + self.ttl)
+        swarm = self.swarms.get(image)
+        if swarm is None:
+            swarm = self.swarms[image] = _Swarm(now)
+        swarm.add(Member(node_id, address, zone, have, total, is_seeder, now + self.ttl))
         return self.peers(image, node_id, zone, now)
 
     def leave(self, image: str, node_id: str) -> None:
         swarm = self.swarms.get(image)
         if swarm is not None:
-            swarm.pop(node_id, None)
-            if not swarm:
+            swarm.remove(node_id)
+            if not swarm.members:
                 del self.swarms[image]
 
     def peers(self, image: str, node_id: str, zone: str, now: float) -> list[Member]:
         """At most `sample` live members other than `node_id`: same zone first, seeders last.
 
         Within each group the order is random, so that a thousand nodes joining at
-        once do not all pick the same neighbours.
+        once do not all pick the same neighbours. Costs O(sample), not O(swarm): the
+        swarm is swept of expired members once per `ttl`, and at once if a draw meets one.
         """
-        swarm = self.swarms.get(image, {})
-        for gone in [k for k, m in swarm.items() if m.expires <= now]:
-            del swarm[gone]
-        others = [m for m in swarm.values() if m.node_id != node_id]
-        self.rng.shuffle(others)
-        others.sort(key=lambda m: (m.is_seeder, m.zone != zone))
-        return others[: self.sample]
+        swarm = self.swarms.get(image)
+        if swarm is None:
+            return []
+        if now - swarm.swept >= self.ttl:
+            swarm.sweep(now)
+        got = self._draw(swarm, node_id, zone)
+        if any(m.expires <= now for m in got):
+            swarm.sweep(now)
+            got = self._draw(swarm, node_id, zone)
+        return got
+
+    def _draw(self, swarm: _Swarm, node_id: str, zone: str) -> list[Member]:
+        want = self.sample
+        near = swarm.zones.get(zone, [])
+        ids = self._pick([near], want, node_id)
+        if len(ids) < want:
+            far = [z for key, z in swarm.zones.items() if key != zone]
+            ids += self._pick(far, want - len(ids), node_id)
+        out = [swarm.members[i] for i in ids]
+        if len(out) < want and swarm.seeders:
+            seeds = [swarm.members[i] for i in swarm.seeders if i != node_id]
+            self.rng.shuffle(seeds)
+            seeds.sort(key=lambda m: m.zone != zone)
+            out += seeds[: want - len(out)]
+        return out
+
+    def _pick(self, lists: list[list[str]], k: int, exclude: str) -> list[str]:
+        """Up to `k` ids, uniformly at random and in random order, from the concatenation of
+        `lists` (without `exclude`), in O(k + len(lists)) when the lists are longer."""
+        total = sum(len(ids) for ids in lists)
+        if total <= k + 1:
+            pool = [i for ids in lists for i in ids if i != exclude]
+            self.rng.shuffle(pool)
+            return pool[:k]
+        if len(lists) == 1:
+            picked = self.rng.sample(lists[0], k + 1)
+        else:
+            starts = list(itertools.accumulate((len(ids) for ids in lists), initial=0))
+            picked = []
+            for n in self.rng.sample(range(total), k + 1):
+                j = bisect.bisect_right(starts, n) - 1
+                picked.append(lists[j][n - starts[j]])
+        return [i for i in picked if i != exclude][:k]
 
     def expire(self, now: float) -> None:
         for image in list(self.swarms):
             swarm = self.swarms[image]
-            for node_id in [k for k, m in swarm.items() if m.expires <= now]:
-                del swarm[node_id]
-            if not swarm:
+            swarm.sweep(now)
+            if not swarm.members:
                 del self.swarms[image]
 
     def __len__(self) -> int:
-        return sum(len(s) for s in self.swarms.values())
+        return sum(len(s.members) for s in self.swarms.values())

@@ -45,3 +45,67 @@ def test_sample_is_bounded_distinct_and_live(n: int, sample: int, seed: int) -> 
     assert all(m.expires > 20 for m in got)
     live = sum(1 for i in range(1, n) if i % 20 > 10)
     assert len(ids) == min(sample, live)
+
+
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["announce", "announce", "announce", "leave", "peers"]),
+        st.integers(0, 25),  # node
+        st.sampled_from(["", "a", "b"]),  # zone
+        st.booleans(),  # seeder (rarely kept: see below)
+        st.floats(0, 4),  # time step
+    ),
+    max_size=120,
+)
+
+
+@given(_ops, st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_sample_matches_a_model_of_the_swarm(
+    ops: list[tuple[str, int, str, bool, float]], sample: int, seed: int
+) -> None:
+    """Whatever the sequence of announces, zone and role changes, departures and expiries:
+    the sample is the live others, same zone first, seeders last, each group as full as
+    the sample allows."""
+    t = Tracker(ttl=10, sample=sample, rng=random.Random(seed))
+    model: dict[str, tuple[str, bool, float]] = {}  # node -> (zone, seeder, expires)
+    now = 0.0
+    for op, n, zone, seeder, step in ops:
+        now += step
+        node = f"n{n}"
+        seeder = seeder and n % 5 == 0
+        if op == "announce":
+            got = t.announce("img", node, f"h:{n}", zone=zone, is_seeder=seeder, now=now)
+            model[node] = (zone, seeder, now + 10)
+        elif op == "leave":
+            t.leave("img", node)
+            model.pop(node, None)
+            continue
+        else:
+            got = t.peers("img", node, zone, now)
+        live = {k: v for k, v in model.items() if v[2] > now and k != node}
+
+        def group(k: str, zone: str = zone, live: dict[str, tuple[str, bool, float]] = live) -> int:
+            z, s, _ = live[k]
+            return 2 * s + (z != zone)
+
+        ids = [m.node_id for m in got]
+        assert len(ids) == len(set(ids)) == min(sample, len(live))
+        assert set(ids) <= set(live)
+        groups = [group(k) for k in ids]
+        assert groups == sorted(groups)
+        for g in set(groups):
+            if g < max(groups):
+                assert groups.count(g) == sum(1 for k in live if group(k) == g)
+    t.expire(now)
+    assert len(t) == sum(1 for v in model.values() if v[2] > now)
+
+
+def test_sample_is_uniform_within_a_group() -> None:
+    t = Tracker(sample=3, rng=random.Random(7))
+    for i in range(10):
+        t.announce("img", f"n{i}", f"h:{i}", zone="a", now=0)
+    counts = dict.fromkeys((f"n{i}" for i in range(10)), 0)
+    for _ in range(3000):
+        for m in t.peers("img", "x", "a", now=1):
+            counts[m.node_id] += 1
+    assert all(800 < c < 1000 for c in counts.values()), counts
