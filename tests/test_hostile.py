@@ -21,7 +21,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from distd import httpserver
 from distd.catalog import Image
 from distd.engine import EngineContext, PeerLink, SwarmDownload, have_stream_decoder
 from distd.httpserver import read_body, serve
-from distd.materialize import MaterializeError, materialize
+from distd.materialize import MaterializeError, StagedImage, materialize
 from distd.ratelimit import TokenBucket
 from distd.swarm import bitfield
 from distd.swarm.scheduler import SchedulerConfig
@@ -183,7 +183,7 @@ def test_wire_unpack_errors_say_what_is_wrong() -> None:
 
 # -- in-process: the materializer against hostile manifests ---------------------------------
 
-_POOL = [b"pwned", b"x" * 100, os.urandom(64)]
+_POOL = [b"pwned", b"x" * 100, bytes(range(64))]
 _POOL_DIGESTS = [hashlib.sha256(d).hexdigest() for d in _POOL]
 _COMPONENTS = st.sampled_from(
     ["a", "b", "link", "evil", "..", ".", "", "{outside}", "x" * 300, "a\0b", "\udcff"]
@@ -231,9 +231,23 @@ def _read(digest: str, size: int) -> bytes:
     return _POOL[_POOL_DIGESTS.index(digest)]
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(entries=_hostile_entries())
-def test_materializer_never_writes_outside_its_temp_dir(entries: list[Entry]) -> None:
+def _build_whole(manifest: Manifest, dest: Path) -> None:
+    materialize(manifest, _read, dest)
+
+
+def _build_staged(manifest: Manifest, dest: Path) -> None:
+    """The daemon's way: a StagedImage fed chunk by chunk (in reverse order), then finished."""
+    stage = StagedImage(manifest, dest)
+    try:
+        for d in reversed(stage.digests()):
+            stage.write_chunk(d, _read(d, stage.chunk_size(d)))
+        stage.finish()
+    finally:
+        stage.close()
+
+
+def _never_escapes(entries: list[Entry], build: Callable[[Manifest, Path], None]) -> None:
+    """Build a hand-made manifest with `build`: only MaterializeError, nothing outside."""
     with tempfile.TemporaryDirectory() as base_name:
         base = Path(base_name)
         outside = base / "outside"
@@ -253,7 +267,7 @@ def test_materializer_never_writes_outside_its_temp_dir(entries: list[Entry]) ->
         dest = work / "image"
         try:
             try:
-                materialize(manifest, _read, dest)
+                build(manifest, dest)
                 built = True
             except MaterializeError:
                 built = False
@@ -267,6 +281,18 @@ def test_materializer_never_writes_outside_its_temp_dir(entries: list[Entry]) ->
             assert os.listdir(work) == (["image"] if built else [])
         finally:
             rmtree_force(work)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=_hostile_entries())
+def test_materializer_never_writes_outside_its_temp_dir(entries: list[Entry]) -> None:
+    _never_escapes(entries, _build_whole)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries=_hostile_entries())
+def test_staged_image_never_writes_outside_its_temp_dir(entries: list[Entry]) -> None:
+    _never_escapes(entries, _build_staged)
 
 
 # -- in-process: a peer that sends more than the chunk holds ---------------------------------
