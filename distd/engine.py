@@ -199,7 +199,7 @@ class SwarmDownload:
             if link is None:
                 failure = Failure.ERROR
                 return
-            payload, encoding = await self._download(link, chunk.digest, chunk.size)
+            payload, encoding = await self._download(link, req, chunk.digest, chunk.size)
             self.landing.add(req.index)
             try:
                 await self.ctx.store.put(chunk.digest, payload, encoding, chunk.size)
@@ -240,7 +240,9 @@ class SwarmDownload:
                 self.sched.on_failed(req.peer_id, req.index, failure, loop.time(), retry_after)
             self.wake.set()
 
-    async def _download(self, link: PeerLink, digest: str, size: int) -> tuple[bytes, Encoding]:
+    async def _download(
+        self, link: PeerLink, req: Request, digest: str, size: int
+    ) -> tuple[bytes, Encoding]:
         chunk_limit = max(size, self.image.manifest.chunk_map()[digest].stored_size)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
         url = f"{link.url}/v1/chunks/{digest}"
@@ -266,7 +268,9 @@ class SwarmDownload:
             if resp.content_length is not None and resp.content_length > chunk_limit:
                 raise ChunkError(f"peer offers {resp.content_length} bytes for a smaller chunk")
             body = bytearray()
+            loop = asyncio.get_running_loop()
             async for piece in resp.content.iter_chunked(READ_SLICE):
+                self.sched.on_progress(req.peer_id, req.index, loop.time())
                 await self.ctx.ingress.consume(len(piece))
                 body += piece
                 if len(body) > chunk_limit:

@@ -230,14 +230,6 @@ STALL_NODES = 2  # hold the image, reached through proxies that stall
 STALL_SLACK = 3.0  # what stalled peers may cost a joining node, over the clean join
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a node whose every request slot (--max-inflight, 2) is held by a stalled "
-    "transfer makes no progress until the request deadline (timeout_base 5 s + chunk "
-    "size / 512 KiB/s: 7 s for 1 MiB) although other peers and the seeder hold every "
-    "chunk: Scheduler.next_requests returns nothing while inflight >= max_inflight, and "
-    "only endgame hedges late requests. A 12 MiB join takes ~9 s instead of ~2 s.",
-)
 def test_stalled_peers_do_not_hold_up_a_node_for_a_whole_deadline() -> None:
     """Two nodes hold the image behind proxies. A third joins with clean proxies (the
     reference), then a fourth once each proxy stalls its first chunk connection for good:

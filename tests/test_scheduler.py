@@ -54,7 +54,8 @@ def drive(
     seq = 0
     now = 0.0
     while not sched.complete:
-        for req in sched.next_requests(now):
+        issued = sched.next_requests(now)
+        for req in issued:
             peer = by_id[req.peer_id]
             assert not bitfield.has(sched.have, req.index), "asked for a chunk it holds"
             assert bitfield.has(peer.advertised, req.index), "asked a peer that never had it"
@@ -67,7 +68,9 @@ def drive(
         for p in sched.peers.values():
             bound = cfg.per_seeder_inflight if p.is_seeder else cfg.per_peer_inflight
             assert len(p.inflight) <= bound
-        assert sched.inflight <= cfg.max_inflight
+        # Stalled requests stay out but stop counting against the bound when new ones go out.
+        if issued:
+            assert sched.inflight - sched.stalled <= cfg.max_inflight
         assert sched.inflight == sum(len(r) for r in sched.pending.values())
         wake = sched.next_wakeup(now)
         nxt = min(events[0][0] if events else float("inf"), wake if wake is not None else 1e18)
@@ -228,9 +231,13 @@ def test_endgame_does_not_ask_a_seeder_again_for_a_chunk_it_deferred() -> None:
     sched.on_failed("seeder", 0, Failure.DEFERRED, 1.51)
     assert sched.next_requests(1.52) == []
     until = sched.peers["seeder"].withheld[0]
-    assert sched.next_wakeup(1.52) == until
-    (again,) = sched.next_requests(until)
-    assert again.peer_id == "seeder"
+    now, asked = 1.52, []
+    while not asked:  # wake whenever the scheduler says; nothing goes out before `until`
+        wake = sched.next_wakeup(now)
+        assert wake is not None and wake <= until
+        now = wake
+        asked = sched.next_requests(now)
+    assert now == until and [r.peer_id for r in asked] == ["seeder"]
 
 
 def test_timeouts_are_returned_for_cancelling_and_retried() -> None:
@@ -261,3 +268,32 @@ def test_same_zone_peers_are_preferred() -> None:
     sched.config = cfg
     (req,) = sched.next_requests(0.0)
     assert req.peer_id == "near"
+
+
+def test_stalled_requests_stop_holding_every_slot() -> None:
+    cfg = SchedulerConfig(max_inflight=2, stall_unmeasured=2.0)
+    sched = Scheduler([1 << 20] * 4, config=cfg)
+    for name in ("silent1", "silent2", "good"):
+        sched.add_peer(name, have=0b1111)
+    sched.peers["good"].rate = 1.0  # measured slow: tried after the unmeasured ones
+    first = sched.next_requests(0.0)
+    assert sorted(r.peer_id for r in first) == ["silent1", "silent2"]
+    assert sched.next_requests(1.9) == []  # not stalled yet: the bound holds
+    assert sched.next_wakeup(1.9) == 2.0
+    (more,) = sched.next_requests(2.0)  # both stalled: a slot opens without a timeout
+    assert more.peer_id == "good" and sched.stalled == 2
+    assert sched.inflight == 3 and all(r.deadline > 2.0 for r in first)
+
+
+def test_a_transfer_gone_silent_is_stalled_after_stall_idle() -> None:
+    cfg = SchedulerConfig(max_inflight=1, stall_idle=1.0, stall_unmeasured=30.0)
+    sched = Scheduler([1 << 20] * 2, config=cfg)
+    sched.add_peer("a", have=0b11)
+    sched.add_peer("b", have=0b11)
+    (first,) = sched.next_requests(0.0)
+    sched.on_progress(first.peer_id, first.index, 0.5)
+    sched.on_progress(first.peer_id, first.index, 1.2)  # still flowing: not stalled
+    assert sched.next_requests(2.1) == []
+    assert sched.next_wakeup(2.1) == 2.2
+    (second,) = sched.next_requests(2.2)  # silent for 1 s: its slot is free again
+    assert second.peer_id != first.peer_id and second.index != first.index

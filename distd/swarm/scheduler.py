@@ -14,7 +14,7 @@ on other peers and cancel the losers when one answer lands.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from distd.swarm import bitfield
@@ -44,6 +44,15 @@ class SchedulerConfig:
     # a straggler, not spending a second peer's upload on every last chunk.
     endgame_slack: float = 1.5
     endgame_wait: float = 1.0
+    # A request running this many times longer than its peer's rate predicts (at least
+    # stall_floor s; stall_unmeasured s before any rate is known) is stalled: it stays
+    # out, but stops counting against max_inflight, so a few silent peers cannot hold
+    # every slot of a node until the deadline.
+    stall_slack: float = 4.0
+    stall_floor: float = 1.0
+    stall_unmeasured: float = 2.0
+    # With progress reported (on_progress), a transfer is stalled after this long silent.
+    stall_idle: float = 1.0
     timeout_base: float = 5.0
     timeout_min_rate: float = 512 * 1024  # bytes/s below which a transfer counts as stalled
     my_zone: str = ""
@@ -75,6 +84,8 @@ class Scheduler:
         self.pending: dict[int, dict[str, Request]] = {}
         self.pending_bits = 0
         self.inflight = 0
+        self.stalled = 0  # requests past their stall time, as of the last next_requests
+        self.progress: dict[tuple[str, int], float] = {}  # request -> last bytes seen
 
     # --- state ------------------------------------------------------------------------
 
@@ -134,6 +145,11 @@ class Scheduler:
                 peer.record_success(self.sizes[index], now - req.sent)
         return self.mark_have(index)
 
+    def on_progress(self, peer_id: str, index: int, now: float) -> None:
+        """Bytes of a requested chunk arrived: the transfer is alive."""
+        if peer_id in self.pending.get(index, {}):
+            self.progress[(peer_id, index)] = now
+
     def on_failed(
         self,
         peer_id: str,
@@ -166,7 +182,10 @@ class Scheduler:
     def next_requests(self, now: float) -> list[Request]:
         """Requests to send now, filling free slots of the best usable peers."""
         cfg = self.config
-        if self.complete or self.inflight >= cfg.max_inflight:
+        stalled = [r for r in self._requests() if self._stalled_at(r) <= now]
+        self.stalled = len(stalled)
+        stuck = {r.peer_id for r in stalled}  # as good as busy: do not count on them
+        if self.complete or self.inflight - self.stalled >= cfg.max_inflight:
             return []
         missing = self.missing
         usable = [p for p in self.peers.values() if p.have & missing and p.usable(now)]
@@ -176,7 +195,8 @@ class Scheduler:
         reachable = 0
         for p in usable:
             if not p.is_seeder:
-                reachable |= p.have
+                if p.peer_id not in stuck:
+                    reachable |= p.have
                 self._fill(p, p.have & self.missing & ~self.pending_bits, now, out)
         for p in usable:
             if p.is_seeder:
@@ -214,7 +234,8 @@ class Scheduler:
     def next_wakeup(self, now: float) -> float | None:
         """The earliest future moment something changes without an event: a deadline, a
         backoff ending, a request turning late enough to hedge."""
-        times = [r.deadline for reqs in self.pending.values() for r in reqs.values()]
+        times = [r.deadline for r in self._requests()]
+        times += [self._stalled_at(r) for r in self._requests()]
         if self.inflight < self.config.max_inflight:
             # Backoffs and deferrals matter only while a request slot is free.
             missing = self.missing
@@ -233,7 +254,23 @@ class Scheduler:
     def _slots(self, peer: PeerState) -> int:
         cfg = self.config
         per_peer = cfg.per_seeder_inflight if peer.is_seeder else cfg.per_peer_inflight
-        return min(per_peer - len(peer.inflight), cfg.max_inflight - self.inflight)
+        return min(per_peer - len(peer.inflight), cfg.max_inflight - self.inflight + self.stalled)
+
+    def _requests(self) -> Iterator[Request]:
+        for reqs in self.pending.values():
+            yield from reqs.values()
+
+    def _stalled_at(self, r: Request) -> float:
+        """When request `r` counts as stalled (see SchedulerConfig.stall_slack)."""
+        cfg = self.config
+        seen = self.progress.get((r.peer_id, r.index))
+        if seen is not None:
+            return seen + cfg.stall_idle
+        peer = self.peers.get(r.peer_id)
+        rate = peer.rate if peer is not None else 0.0
+        if rate <= 0:
+            return r.sent + cfg.stall_unmeasured
+        return r.sent + max(cfg.stall_floor, cfg.stall_slack * self.sizes[r.index] / rate)
 
     def _fill(self, peer: PeerState, candidates: int, now: float, out: list[Request]) -> None:
         while candidates and self._slots(peer) > 0:
@@ -254,6 +291,7 @@ class Scheduler:
     def _drop(self, peer_id: str, index: int) -> Request:
         reqs = self.pending[index]
         req = reqs.pop(peer_id)
+        self.progress.pop((peer_id, index), None)
         if not reqs:
             del self.pending[index]
             self.pending_bits &= ~(1 << index)

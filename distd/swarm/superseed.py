@@ -17,7 +17,7 @@ from __future__ import annotations
 
 
 class SuperSeeder:
-    def __init__(self, window: float = 8.0, lost_after: float = 30.0) -> None:
+    def __init__(self, window: float = 2.0, lost_after: float = 30.0) -> None:
         self.window = window
         self.lost_after = lost_after
         self.last_served: dict[str, float] = {}
