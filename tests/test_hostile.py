@@ -42,7 +42,7 @@ from distd.httpserver import read_body, serve
 from distd.materialize import MaterializeError, StagedImage, materialize
 from distd.ratelimit import TokenBucket
 from distd.swarm import bitfield
-from distd.swarm.scheduler import SchedulerConfig
+from distd.swarm.scheduler import Request, SchedulerConfig
 from manifests import wire
 from manifests.chunking import ChunkError
 from manifests.model import FORMAT_TAG, FORMAT_VERSION, Chunk, Encoding, Entry, Kind, Manifest
@@ -327,8 +327,9 @@ async def test_peer_sending_more_than_the_chunk_is_refused_early(declared: bool)
         async with aiohttp.ClientSession() as session:
             dl.ctx.session = session
             link = PeerLink("liar", f"http://{host}:{port}")
+            req = Request("liar", 0, sent=0.0, deadline=1e9)
             with pytest.raises(ChunkError):
-                await dl._download(link, digest, size)
+                await dl._download(link, req, digest, size)
     finally:
         await runner.cleanup()
     assert sent < 8 * MIB, f"the node read {sent} bytes of a {size}-byte chunk"
