@@ -112,6 +112,19 @@ def _open_parent(root_fd: int, parts: list[str], path: str) -> int:
     return fd
 
 
+def _create_file(root_fd: int, e: Entry) -> int:
+    """A new, owner-only file for entry `e`, created beneath `root_fd` (never through a
+    symlink, never over an existing entry); returns its fd."""
+    parts = _split(e.path)
+    pfd = _open_parent(root_fd, parts, e.path)
+    try:
+        return os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=pfd)
+    except FileExistsError:
+        raise MaterializeError(f"entry {e.path!r} appears twice") from None
+    finally:
+        os.close(pfd)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -292,14 +305,7 @@ class _Builder:
             os.close(pfd)
 
     def write_file(self, e: Entry) -> None:
-        parts = _split(e.path)
-        pfd = _open_parent(self.root_fd, parts, e.path)
-        try:
-            fd = os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=pfd)
-        except FileExistsError:
-            raise MaterializeError(f"entry {e.path!r} appears twice") from None
-        finally:
-            os.close(pfd)
+        fd = _create_file(self.root_fd, e)
         try:
             # Every file is hashed, one-chunk files too: then no byte reaches the tree
             # unchecked even if `read_chunk` skips its own verification (pull's fast path).
@@ -664,14 +670,7 @@ class StagedImage:
             raise
 
     def _create(self, e: Entry) -> None:
-        parts = _split(e.path)
-        pfd = _open_parent(self._root_fd, parts, e.path)
-        try:
-            fd = os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=pfd)
-        except FileExistsError:
-            raise MaterializeError(f"entry {e.path!r} appears twice") from None
-        finally:
-            os.close(pfd)
+        fd = _create_file(self._root_fd, e)
         try:
             os.ftruncate(fd, e.size)
         finally:

@@ -32,9 +32,9 @@ import zstandard
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from treeutil import rmtree_force, snapshot
+from treeutil import Fleet, one_node_fleet, rmtree_force, snapshot
 
-from bench.cluster import MIB, Cluster, Node, make_random_tree
+from bench.cluster import MIB
 from distd import httpserver
 from distd.catalog import Image
 from distd.engine import EngineContext, PeerLink, SwarmDownload, have_stream_decoder
@@ -338,28 +338,10 @@ async def test_peer_sending_more_than_the_chunk_is_refused_early(declared: bool)
 # -- real processes ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Fleet:
-    cluster: Cluster
-    node: Node
-    chunk: str  # a chunk digest the node and the seeder hold
-
-
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    work = Path(tempfile.mkdtemp(prefix="p2pdist-hostile-", dir=base))
-    try:
-        with Cluster(work / "cluster", nodes=1) as cluster:
-            tree = make_random_tree(work / "tree", 2 * MIB, files=2, seed=7)
-            pushed = cluster.push(tree.root, IMAGE, chunk_size=256 << 10)
-            t0 = cluster.assign(IMAGE)
-            cluster.wait_ready(IMAGE, since=t0, timeout=60, digest=pushed.digest)
-            (node,) = cluster.nodes
-            held = next((node.data_dir / "chunks").glob("*/*.*"))
-            yield Fleet(cluster, node, held.name.partition(".")[0])
-    finally:
-        rmtree_force(work)
+    with one_node_fleet("hostile", IMAGE, seed=7) as f:
+        yield f
 
 
 @dataclasses.dataclass

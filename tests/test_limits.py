@@ -9,19 +9,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import pytest
-from treeutil import rmtree_force
+from treeutil import Fleet, one_node_fleet
 
-from bench.cluster import MIB, Cluster, Node, make_random_tree
+from bench.cluster import MIB
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,28 +28,10 @@ BURST_RSS = 96 * MIB
 KEPT_RSS = 24 * MIB
 
 
-@dataclass
-class Fleet:
-    cluster: Cluster
-    node: Node
-    chunk: str
-
-
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    work = Path(tempfile.mkdtemp(prefix="p2pdist-limits-", dir=base))
-    try:
-        with Cluster(work / "cluster", nodes=1) as cluster:
-            tree = make_random_tree(work / "tree", 2 * MIB, files=2, seed=8)
-            pushed = cluster.push(tree.root, IMAGE, chunk_size=256 << 10)
-            t0 = cluster.assign(IMAGE)
-            cluster.wait_ready(IMAGE, since=t0, timeout=60, digest=pushed.digest)
-            (node,) = cluster.nodes
-            held = next((node.data_dir / "chunks").glob("*/*.*"))
-            yield Fleet(cluster, node, held.name.partition(".")[0])
-    finally:
-        rmtree_force(work)
+    with one_node_fleet("limits", IMAGE, seed=8) as f:
+        yield f
 
 
 def memory(pid: int) -> dict[str, int]:

@@ -7,6 +7,7 @@ bits, and content SHA-256 or symlink target for every path below the root.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench.cluster import MIB, Cluster, Node, make_random_tree
 from manifests.chunking import encode_chunk
 from manifests.model import Chunk, Manifest
 from manifests.scan import scan_tree
@@ -116,3 +118,25 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = GENEROUS) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
+
+
+@dataclasses.dataclass
+class Fleet:
+    """One seeder and one daemon holding a small pushed image."""
+
+    cluster: Cluster
+    node: Node
+    chunk: str  # a chunk digest the node and the seeder hold
+
+
+@contextlib.contextmanager
+def one_node_fleet(name: str, image: str, seed: int) -> Iterator[Fleet]:
+    """A running seeder and daemon that already hold `image` (2 MiB, 256 KiB chunks)."""
+    with scratch(name) as work, Cluster(work / "cluster", nodes=1) as cluster:
+        tree = make_random_tree(work / "tree", 2 * MIB, files=2, seed=seed)
+        pushed = cluster.push(tree.root, image, chunk_size=256 << 10)
+        t0 = cluster.assign(image)
+        cluster.wait_ready(image, since=t0, timeout=60, digest=pushed.digest)
+        (node,) = cluster.nodes
+        held = next((node.data_dir / "chunks").glob("*/*.*"))
+        yield Fleet(cluster, node, held.name.partition(".")[0])
