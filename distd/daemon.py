@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -25,9 +24,9 @@ from aiohttp import web
 from distd import materialize
 from distd.catalog import Catalog, Image, State
 from distd.engine import EngineContext, SwarmDownload
-from distd.httpserver import middlewares, respond, serve
+from distd.httpserver import advertised_address, middlewares, respond, serve
 from distd.metrics import CONTENT_TYPE, Metrics
-from distd.peer_server import ChunkServer, HaveHub
+from distd.peer_server import ChunkServer, HaveHub, add_peer_routes
 from distd.ratelimit import TokenBucket
 from distd.staging import StageFeeder
 from distd.store import ChunkStore
@@ -101,13 +100,7 @@ class Daemon:
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics)
         r.add_get("/v1/status", self._status)
-        r.add_get("/v1/chunks/{digest}", self.chunks.handle, allow_head=False)
-        r.add_get("/v1/swarm/{image}/haves", self.hub.handle)
-
-        async def end_streams(_: web.Application) -> None:
-            self.hub.close()
-
-        app.on_shutdown.append(end_streams)
+        add_peer_routes(app, self.chunks, self.hub)
         return app
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -183,9 +176,7 @@ class Daemon:
 
         def on_ready(bound_host: str, bound_port: int) -> None:
             if not self.address:
-                # A wildcard bind is not an address anyone can reach: use our host name.
-                wildcard = bound_host in ("0.0.0.0", "::", "")
-                self.address = f"{socket.getfqdn() if wildcard else bound_host}:{bound_port}"
+                self.address = advertised_address(bound_host, bound_port)
             log.info(
                 "distd %s listening on %s://%s:%d (cluster token %s)",
                 self.cfg.node_id,
@@ -326,7 +317,6 @@ class Daemon:
 
     def _context(self) -> EngineContext:
         assert self.session is not None
-        token = self.cfg.cluster_token
         return EngineContext(
             node_id=self.cfg.node_id,
             address=self.address,
@@ -339,7 +329,7 @@ class Daemon:
             config=self.cfg.scheduler,
             p2p=self.cfg.p2p,
             rng=self.rng,
-            headers={wire.H_CLUSTER_TOKEN: token} if token else {},
+            headers=wire.cluster_headers(self.cfg.cluster_token),
             scheme=self.scheme,
         )
 

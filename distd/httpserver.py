@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -307,3 +308,10 @@ async def serve(
         for sig in signals:
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+
+
+def advertised_address(bound_host: str, bound_port: int) -> str:
+    """host:port others can reach a listener on: a wildcard bind is no address, so it
+    is replaced by this machine's host name."""
+    wildcard = bound_host in ("0.0.0.0", "::", "")
+    return f"{socket.getfqdn() if wildcard else bound_host}:{bound_port}"

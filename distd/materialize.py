@@ -112,6 +112,16 @@ def _open_parent(root_fd: int, parts: list[str], path: str) -> int:
     return fd
 
 
+def _check_content(e: Entry, actual: str) -> None:
+    """The file as written must hash to what the manifest says, or the tree is not sealed."""
+    if actual != e.sha256:
+        raise ContentError(
+            f"entry {e.path!r}: content SHA-256 {actual[:16]} does not match "
+            f"the manifest's {e.sha256[:16]}",
+            e.path,
+        )
+
+
 def _create_file(root_fd: int, e: Entry) -> int:
     """A new, owner-only file for entry `e`, created beneath `root_fd` (never through a
     symlink, never over an existing entry); returns its fd."""
@@ -337,12 +347,7 @@ class _Builder:
             if written != e.size:
                 raise MaterializeError(f"entry {e.path!r}: wrote {written} bytes, not {e.size}")
             actual = hasher.hexdigest()
-            if actual != e.sha256:
-                raise ContentError(
-                    f"entry {e.path!r}: content SHA-256 {actual[:16]} does not match "
-                    f"the manifest's {e.sha256[:16]}",
-                    e.path,
-                )
+            _check_content(e, actual)
             os.fchmod(fd, e.mode & 0o7777)
         finally:
             os.close(fd)
@@ -771,12 +776,7 @@ class StagedImage:
             if os.fstat(fd).st_size != e.size:
                 raise MaterializeError(f"entry {e.path!r}: file is not {e.size} bytes")
             actual = self._advance(e.path, final=True)
-            if actual != e.sha256:
-                raise ContentError(
-                    f"entry {e.path!r}: content SHA-256 {actual[:16]} does not match "
-                    f"the manifest's {e.sha256[:16]}",
-                    e.path,
-                )
+            _check_content(e, actual)
             os.fchmod(fd, e.mode & 0o7777)
         finally:
             os.close(fd)

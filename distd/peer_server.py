@@ -198,3 +198,15 @@ class HaveHub:
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
         return resp
+
+
+def add_peer_routes(app: web.Application, chunks: ChunkServer, hub: HaveHub) -> None:
+    """The peer API every node serves (daemon and `distd pull` alike): chunks and
+    have-streams, with the streams ended at shutdown so followers cannot hold it open."""
+    app.router.add_get("/v1/chunks/{digest}", chunks.handle, allow_head=False)
+    app.router.add_get("/v1/swarm/{image}/haves", hub.handle)
+
+    async def end_streams(_: web.Application) -> None:
+        hub.close()
+
+    app.on_shutdown.append(end_streams)

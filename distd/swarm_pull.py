@@ -31,9 +31,9 @@ from aiohttp import web
 
 from distd.catalog import Catalog, Image
 from distd.engine import EngineContext, SwarmDownload
-from distd.httpserver import BACKLOG, IDLE_TIMEOUT, middlewares
+from distd.httpserver import BACKLOG, IDLE_TIMEOUT, advertised_address, middlewares
 from distd.metrics import Metrics
-from distd.peer_server import ChunkServer, HaveHub
+from distd.peer_server import ChunkServer, HaveHub, add_peer_routes
 from distd.pull import FetchStats, PullError
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore
@@ -124,8 +124,7 @@ class SwarmPull:
     def make_app(self) -> web.Application:
         """The peer half of the daemon's API: chunks and have-streams."""
         app = web.Application(middlewares=middlewares(self.cfg.cluster_token))
-        app.router.add_get("/v1/chunks/{digest}", self.chunks.handle, allow_head=False)
-        app.router.add_get("/v1/swarm/{image}/haves", self.hub.handle)
+        add_peer_routes(app, self.chunks, self.hub)
         return app
 
     async def start(self) -> None:
@@ -151,8 +150,7 @@ class SwarmPull:
         await site.start()
         bound_host, bound_port = runner.addresses[0][:2]
         if not self.address:
-            wildcard = bound_host in ("0.0.0.0", "::", "")
-            self.address = f"{socket.getfqdn() if wildcard else bound_host}:{bound_port}"
+            self.address = advertised_address(bound_host, bound_port)
         log.info("pull %s serving peers on %s", self.cfg.node_id, self.address)
 
     async def close(self) -> None:
@@ -198,7 +196,6 @@ class SwarmPull:
             on_bytes(image.manifest.chunks[index].stored_size)
 
     def _context(self) -> EngineContext:
-        token = self.cfg.cluster_token
         return EngineContext(
             node_id=self.cfg.node_id,
             address=self.address,
@@ -211,7 +208,7 @@ class SwarmPull:
             config=self.cfg.scheduler,
             p2p=True,
             rng=self.rng,
-            headers={wire.H_CLUSTER_TOKEN: token} if token else {},
+            headers=wire.cluster_headers(self.cfg.cluster_token),
             scheme="https" if self.cfg.server_ssl is not None else "http",
         )
 

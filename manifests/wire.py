@@ -65,6 +65,13 @@ H_ENCODING = "X-Chunk-Encoding"
 H_SIZE = "X-Chunk-Size"
 # Apart from `Authorization` (the push token), so one request can carry both.
 H_CLUSTER_TOKEN = "X-Cluster-Token"
+
+
+def cluster_headers(token: str | None) -> dict[str, str]:
+    """The header that carries the cluster token on every fleet request (none without one)."""
+    return {H_CLUSTER_TOKEN: token} if token else {}
+
+
 MIN_TOKEN_LENGTH = 16
 
 MAX_REQUEST_BODY = 64 << 20
