@@ -13,6 +13,9 @@ seeded RNG, so a run is repeatable), a faulty one: after a random number of byte
 have flowed from the target to the client (mid-transfer, by default within the
 first two chunks' worth) it is either reset (RST on both sides) or stalled (no
 more bytes either way, the sockets left open until the client gives up). With
+`Faults.unit` set, the rate applies to the proxy's traffic instead: about one fault
+per `unit / rate` bytes sent to clients, wherever those bytes flow, so a run that
+carries enough traffic is sure to see faults however it splits into connections. With
 `refuse=True` every connection is reset at once, like a listener that is gone,
 but still counted with its time, so a test can see how often clients retry.
 
@@ -67,9 +70,9 @@ class Faults:
     stall_share: float = 0.5  # of the faulty ones, the share that stall instead of reset
     after_min: int = 16 << 10  # per connection: the fault fires once this many bytes went
     after_max: int = 2 << 20  # to the client, and no later than this many
-    # When set, `rate` applies to every `unit` bytes sent to the client instead of to
-    # every connection: with `unit` = the chunk size, about `rate` of chunk transfers fail,
-    # however many of them a kept-alive connection carries.
+    # When set, `rate` applies to every `unit` bytes the proxy sends to clients instead
+    # of to every connection: with `unit` = the chunk size, about `rate` of chunk
+    # transfers fail, however the traffic splits into connections.
     unit: int | None = None
     limit: int | None = None  # at most this many faults in all (None: no limit)
     seed: int = 0
@@ -114,6 +117,10 @@ class TcpProxy:
         self.stats = ProxyStats()
         self.port = 0
         self._rng = random.Random(faults.seed)
+        self._clock = 0  # bytes sent to clients, for `Faults.unit`
+        self._next_fault = self._first_mark()
+        self._kinds = 0  # faults drawn so far in `unit` mode
+        self._phase = self._rng.random()
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
 
@@ -125,6 +132,31 @@ class TcpProxy:
         """New fault settings for connections accepted from now on (RNG reseeded)."""
         self.faults = faults
         self._rng = random.Random(faults.seed)
+        self._next_fault = self._clock + self._first_mark()
+        self._kinds = 0
+        self._phase = self._rng.random()
+
+    def _first_mark(self) -> int:
+        """Bytes until the first fault in `unit` mode: uniform over one mean gap, so
+        even a proxy that carries a single gap's worth sees a fault."""
+        f = self.faults
+        if f.unit is None or f.rate <= 0:
+            return 0
+        return 1 + int(self._rng.random() * f.unit / f.rate)
+
+    def _next_kind(self) -> str:
+        """'stall' or 'break' in `unit` mode: an even spread with `stall_share` stalls
+        (from a seeded phase), so even a proxy with two faults sees both kinds."""
+        share, k = self.faults.stall_share, self._kinds
+        self._kinds += 1
+        stall = int((k + 1) * share + self._phase) > int(k * share + self._phase)
+        return "stall" if stall else "break"
+
+    def _gap(self) -> int:
+        """Bytes between two faults in `unit` mode: the mean gap, jittered by half."""
+        f = self.faults
+        assert f.unit is not None
+        return 1 + int(self._rng.uniform(0.5, 1.5) * f.unit / f.rate)
 
     async def start(self, port: int = 0) -> None:
         self._server = await asyncio.start_server(self._handle, HOST, port)
@@ -152,16 +184,7 @@ class TcpProxy:
         if f.rate <= 0:
             return "pass", 0
         if f.unit is not None:
-            # Walk the connection's future traffic unit by unit; the first unit that draws
-            # a fault fails at a random byte within it. (The RNG is the proxy's, so the
-            # whole run is repeatable for a given order of connections.)
-            units = 0
-            while self._rng.random() >= f.rate:
-                units += 1
-                if units >= 1 << 20:
-                    return "pass", 0
-            kind = "stall" if self._rng.random() < f.stall_share else "break"
-            return kind, units * f.unit + self._rng.randint(1, f.unit)
+            return "clock", 0  # the proxy-wide byte clock decides, in `_pipe`
         if self._rng.random() >= f.rate:
             return "pass", 0
         kind = "stall" if self._rng.random() < f.stall_share else "break"
@@ -228,6 +251,14 @@ class TcpProxy:
                     return
                 if frozen.is_set():
                     continue  # stalled: what the client sends goes nowhere
+                if kind == "clock":
+                    after = sent + self._next_fault - self._clock
+                    if len(data) >= after - sent:
+                        self._clock = self._next_fault
+                        self._next_fault += self._gap()
+                        kind = self._next_kind()
+                    else:
+                        self._clock += len(data)
                 if kind != "pass" and sent + len(data) >= after and self._spent():
                     kind = "pass"  # the proxy's fault budget is used up
                 if kind != "pass" and sent + len(data) >= after:
