@@ -33,7 +33,6 @@ from manifests.model import Encoding
 log = logging.getLogger(__name__)
 
 SEEDER_ID = "seeder"
-READ_SLICE = 64 << 10
 # How long a follower waits before reconnecting to a neighbour whose stream broke.
 REFOLLOW_SECONDS = 2.0
 # Neighbours followed per image: the tracker's sample plus those who follow us back.
@@ -242,7 +241,7 @@ class SwarmDownload:
 
     async def _download(
         self, link: PeerLink, req: Request, digest: str, size: int
-    ) -> tuple[bytes, Encoding]:
+    ) -> tuple[bytearray, Encoding]:
         chunk_limit = max(size, self.image.manifest.chunk_map()[digest].stored_size)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
         url = f"{link.url}/v1/chunks/{digest}"
@@ -265,17 +264,28 @@ class SwarmDownload:
                 encoding = Encoding(resp.headers.get(wire.H_ENCODING, ""))
             except ValueError:
                 raise ChunkError("peer sent an unknown chunk encoding") from None
-            if resp.content_length is not None and resp.content_length > chunk_limit:
-                raise ChunkError(f"peer offers {resp.content_length} bytes for a smaller chunk")
-            body = bytearray()
+            length = resp.content_length
+            if length is None:
+                raise ChunkError("peer sent a chunk without a Content-Length")
+            if length > chunk_limit:
+                raise ChunkError(f"peer offers {length} bytes for a smaller chunk")
+            # One buffer of the announced size, filled with whatever the socket gave: no
+            # joining of slices, no final copy (the store keeps this very object).
+            body = bytearray(length)
+            view = memoryview(body)
+            got = 0
             loop = asyncio.get_running_loop()
-            async for piece in resp.content.iter_chunked(READ_SLICE):
+            async for piece in resp.content.iter_any():
+                n = len(piece)
+                if got + n > length:
+                    raise ChunkError("peer sent more bytes than it announced")
+                view[got : got + n] = piece
+                got += n
                 self.sched.on_progress(req.peer_id, req.index, loop.time())
-                await self.ctx.ingress.consume(len(piece))
-                body += piece
-                if len(body) > chunk_limit:
-                    raise ChunkError("peer sent more bytes than the chunk can hold")
-        return bytes(body), encoding
+                await self.ctx.ingress.consume(n)
+            if got != length:
+                raise ChunkError(f"peer sent {got} of the {length} bytes it announced")
+        return body, encoding
 
     # --- the loop ----------------------------------------------------------------------------
 

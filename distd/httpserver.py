@@ -8,6 +8,7 @@ checks, bounded request bodies, rate-paced downloads and a clean stop on SIGTERM
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import hmac
 import json
@@ -181,7 +182,7 @@ def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
 
 async def send_bytes(
     request: web.Request,
-    data: bytes,
+    data: bytes | bytearray,
     *,
     headers: Mapping[str, str] | None = None,
     content_type: str = "application/octet-stream",
@@ -254,13 +255,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def install_uvloop() -> bool:
-    """Use uvloop for the next event loop when it is installed; True if it is."""
+    """Use uvloop for the next event loop when it is installed, and keep the allocator's
+    freed memory for reuse (see `_reuse_freed_memory`); True if uvloop is in use."""
+    _reuse_freed_memory()
     try:
         import uvloop
     except ImportError:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_FREED = 64 << 20  # per arena: a few chunks' worth of buffers, far below a node's RSS
+_MMAP_ABOVE = 32 << 20  # glibc's upper bound; no chunk buffer comes near it
+
+
+def _reuse_freed_memory() -> None:
+    """Chunk-sized buffers (4 MiB by default) are allocated and freed tens of times a
+    second. glibc hands such blocks back to the kernel on free (mmap, or trimming the
+    heap), so every new buffer page-faults and is zeroed again: in the N=16 fan-out
+    profile that was 13% of all CPU. Keeping up to `_KEEP_FREED` per arena for reuse
+    removes it. Elsewhere than glibc this does nothing."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_ABOVE)
+    mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
 
 
 async def serve(

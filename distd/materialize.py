@@ -31,9 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from manifests.chunking import ChunkBytes
 from manifests.model import Chunk, Entry, Kind, Manifest
 
-ReadChunk = Callable[[str, int], bytes]
+ReadChunk = Callable[[str, int], ChunkBytes]
 OnBytes = Callable[[int], None]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -135,7 +136,7 @@ def _create_file(root_fd: int, e: Entry) -> int:
         os.close(pfd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: ChunkBytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -595,7 +596,7 @@ def _no_reader(digest: str, size: int) -> bytes:
     raise AssertionError("a staged image is written with write_chunk")
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: ChunkBytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -706,7 +707,7 @@ class StagedImage:
         with self._lock:
             return digest in self._where and digest not in self._written
 
-    def write_chunk(self, digest: str, raw: bytes) -> None:
+    def write_chunk(self, digest: str, raw: ChunkBytes) -> None:
         """Write a chunk's raw bytes everywhere the image uses it (blocking, thread-safe).
 
         A chunk already written (or being written) is left alone, so bytes once

@@ -28,7 +28,7 @@ from distd.materialize import (
     sweep_temp_dirs,
 )
 from distd.store import ChunkStore
-from manifests.chunking import ChunkError, decode_chunk
+from manifests.chunking import ChunkBytes, ChunkError, decode_chunk
 from manifests.client import SeederError
 from manifests.model import Encoding, Manifest, manifest_digest
 from manifests.validate import decode_manifest
@@ -230,12 +230,11 @@ def store_reader(store: ChunkStore) -> ReadChunk:
     """Read and decode chunks without re-hashing them: the store verified each on `put`
     and the materializer hashes every file it writes, so one hash per byte is enough."""
 
-    def read(digest: str, size: int) -> bytes:
+    def read(digest: str, size: int) -> ChunkBytes:
         info = store.info(digest)
         if info is None:
             raise KeyError(f"chunk {digest[:16]} is not in the store")
-        payload = store.path(digest, info.encoding).read_bytes()
-        return decode_chunk(payload, info.encoding, size)
+        return decode_chunk(store.read(info), info.encoding, size)
 
     return read
 

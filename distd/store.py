@@ -5,6 +5,10 @@ chunk in its stored encoding. A chunk is verified before it is written, written
 to a temp file, fsynced and renamed, so a crash leaves a whole verified chunk or
 nothing; leftover temp files are swept when the store opens. Disk and hashing
 work runs in threads so the event loop never waits on them.
+
+The last chunks stored stay in memory too (`RECENT_BYTES`): in a swarm the chunk a
+node has just received is the one its neighbours ask for next and the one its
+stager writes into the image, so both get it without reading the file back.
 """
 
 from __future__ import annotations
@@ -12,18 +16,22 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
-from manifests.chunking import verify_chunk
+from manifests.chunking import ChunkBytes, verify_chunk
 from manifests.model import Encoding
 
 _SUFFIX = {Encoding.ZSTD: ".zst", Encoding.RAW: ".raw"}
 _BY_SUFFIX = {v: k for k, v in _SUFFIX.items()}
 _TMP_MARK = ".tmp-"
+# Bytes of recently stored chunks kept in memory: a few seconds of a 10 MiB/s pull.
+RECENT_BYTES = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +49,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def raw_size_of(payload: bytes, encoding: Encoding) -> int:
+class RecentChunks:
+    """The payloads of the last chunks stored, up to `budget` bytes, least recent out
+    first. Read from the event loop and from stager threads, hence the lock."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._items: OrderedDict[str, ChunkBytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, digest: str, payload: ChunkBytes) -> None:
+        if len(payload) > self.budget:
+            return
+        with self._lock:
+            if digest in self._items:
+                return
+            self._items[digest] = payload
+            self._bytes += len(payload)
+            while self._bytes > self.budget:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+    def get(self, digest: str) -> ChunkBytes | None:
+        with self._lock:
+            return self._items.get(digest)
+
+    def discard(self, digest: str) -> None:
+        with self._lock:
+            old = self._items.pop(digest, None)
+            if old is not None:
+                self._bytes -= len(old)
+
+
+def raw_size_of(payload: ChunkBytes, encoding: Encoding) -> int:
     """The raw size of a stored chunk (zstd frames carry it in their header)."""
     if encoding is Encoding.RAW:
         return len(payload)
@@ -55,6 +96,7 @@ class ChunkStore:
         self._index: dict[str, StoredChunk] = {}
         self._bytes = 0
         self.listeners: list[Callable[[StoredChunk], None]] = []
+        self.recent = RecentChunks(RECENT_BYTES)
         self.swept = self._load()
 
     def _load(self) -> int:
@@ -102,7 +144,9 @@ class ChunkStore:
     def total_bytes(self) -> int:
         return self._bytes
 
-    def _write(self, digest: str, payload: bytes, encoding: Encoding, size: int) -> StoredChunk:
+    def _write(
+        self, digest: str, payload: ChunkBytes, encoding: Encoding, size: int
+    ) -> StoredChunk:
         verify_chunk(digest, payload, encoding, size)
         final = self.path(digest, encoding)
         final.parent.mkdir(exist_ok=True)
@@ -123,32 +167,47 @@ class ChunkStore:
         _fsync_dir(final.parent)
         return StoredChunk(digest, encoding, len(payload))
 
-    async def put(self, digest: str, payload: bytes, encoding: Encoding | str, size: int) -> bool:
-        """Verify and store; False if already held. Raises ChunkError on a content mismatch."""
+    async def put(
+        self, digest: str, payload: ChunkBytes, encoding: Encoding | str, size: int
+    ) -> bool:
+        """Verify and store; False if already held. Raises ChunkError on a content mismatch.
+
+        The store keeps a reference to `payload` (see `RecentChunks`): do not change it.
+        """
         if digest in self._index:
             return False
         info = await asyncio.to_thread(self._write, digest, payload, Encoding(encoding), size)
         if digest in self._index:
             return False
+        self.recent.add(digest, payload)
         self._add(info)
         for cb in self.listeners:
             cb(info)
         return True
 
-    def _read(self, info: StoredChunk) -> bytes:
-        return self.path(info.digest, info.encoding).read_bytes()
+    def read(self, info: StoredChunk) -> ChunkBytes:
+        """The chunk's payload, from memory when it was stored recently (blocking)."""
+        payload = self.recent.get(info.digest)
+        if payload is None:
+            payload = self.path(info.digest, info.encoding).read_bytes()
+        return payload
 
-    async def get(self, digest: str) -> tuple[StoredChunk, bytes]:
+    async def get(self, digest: str) -> tuple[StoredChunk, ChunkBytes]:
         """The chunk in its stored encoding; KeyError if not held."""
         info = self._index[digest]
-        return info, await asyncio.to_thread(self._read, info)
+        payload = self.recent.get(digest)
+        if payload is None:
+            payload = await asyncio.to_thread(self.read, info)
+        return info, payload
 
-    def read_verified(self, digest: str, size: int) -> bytes:
-        """Raw bytes, re-verified against the digest (blocking: call from a thread)."""
+    def read_verified(self, digest: str, size: int) -> ChunkBytes:
+        """Raw bytes, re-verified against the file (blocking: call from a thread)."""
         info = self._index[digest]
-        return verify_chunk(digest, self._read(info), info.encoding, size)
+        payload = self.path(digest, info.encoding).read_bytes()
+        return verify_chunk(digest, payload, info.encoding, size)
 
     async def delete(self, digest: str) -> None:
+        self.recent.discard(digest)
         info = self._index.pop(digest, None)
         if info is None:
             return

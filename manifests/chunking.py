@@ -19,6 +19,11 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_ZSTD_LEVEL = 3
 
 
+# A chunk's bytes as they travel: a receiver fills one preallocated bytearray and hands
+# it on (store, stager, upload) without copying it into a bytes object.
+ChunkBytes = bytes | bytearray
+
+
 class ChunkError(ValueError):
     """Chunk bytes that do not decode or do not match their digest."""
 
@@ -89,7 +94,7 @@ def probe_compressible(
     return len(packed) < len(sample) - len(sample) // 32
 
 
-def decode_chunk(payload: bytes, encoding: Encoding | str, size: int) -> bytes:
+def decode_chunk(payload: ChunkBytes, encoding: Encoding | str, size: int) -> ChunkBytes:
     """Raw bytes of a stored chunk, refusing anything that is not exactly `size` bytes."""
     enc = Encoding(encoding)
     if enc is Encoding.RAW:
@@ -111,7 +116,9 @@ def decode_chunk(payload: bytes, encoding: Encoding | str, size: int) -> bytes:
     return raw
 
 
-def verify_chunk(digest: str, payload: bytes, encoding: Encoding | str, size: int) -> bytes:
+def verify_chunk(
+    digest: str, payload: ChunkBytes, encoding: Encoding | str, size: int
+) -> ChunkBytes:
     """Decode and check the SHA-256; return the raw bytes or raise `ChunkError`."""
     raw = decode_chunk(payload, encoding, size)
     actual = sha256_hex(raw)

@@ -88,3 +88,22 @@ async def test_delete_and_listener(tmp_path: Path) -> None:
     assert not store.path(d, enc).exists()
     with pytest.raises(KeyError):
         await store.get(d)
+
+
+async def test_recent_chunks_are_served_from_memory_within_their_budget(tmp_path: Path) -> None:
+    """The last chunks stored come back without a file read (the file is gone here, so a
+    read would fail); older ones come from disk; the memory held stays within budget."""
+    store = ChunkStore(tmp_path)
+    store.recent.budget = 3 * 5000
+    chunks = [_chunk(os.urandom(5000)) for _ in range(5)]
+    for d, e, p in chunks:
+        await store.put(d, p, e, 5000)
+    for d, e, _ in chunks[-3:]:
+        store.path(d, e).unlink()
+    for d, _, p in chunks[-3:]:
+        assert (await store.get(d))[1] == p
+    for d, _, p in chunks[:2]:
+        assert (await store.get(d))[1] == p
+    assert sum(store.recent.get(d) is not None for d, _, _ in chunks) == 3
+    await store.delete(chunks[-1][0])
+    assert store.recent.get(chunks[-1][0]) is None
