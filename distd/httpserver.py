@@ -29,7 +29,11 @@ from manifests.model import ManifestError
 
 log = logging.getLogger(__name__)
 
-SLICE_SIZE = 64 << 10
+# What a capped upload writes per token-bucket payment. Each slice wakes the receiving
+# process once; in the N=16 fan-out on 2 cores, 64 KiB slices cost 14 CPU s per GiB
+# delivered and 1 MiB slices under 10. At 10 MiB/s a slice is 0.1 s of the cap, well
+# inside the scheduler's stall allowance (1 s without progress).
+SLICE_SIZE = 1 << 20
 CUT_SHORT = "cut_short"
 # A connection that has not sent a whole request head this long after it opened (or after
 # its last response) is closed: idle keep-alive connections and slow-loris clients alike.
