@@ -21,6 +21,7 @@ or a script uses it without an event loop.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import atexit
 import contextlib
@@ -42,9 +43,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from manifests.client import SeederClient
+from manifests.units import parse_rate, parse_size
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -482,12 +484,120 @@ def make_random_tree(
     return ImageTree.scan(root)
 
 
+# -- command lines -------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def size_label(n: int) -> str:
+    """256MiB, 1GiB, 1500000B: exact, for file names and defaults in --help."""
+    for unit, mult in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if n % mult == 0:
+            return f"{n // mult}{unit}"
+    return f"{n}B"
+
+
+def arg_type(fn: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse `type` from a parser raising ValueError (a bad value is a usage error)."""
+
+    def convert(text: str) -> T:
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = fn.__name__
+    return convert
+
+
+def add_fleet_arguments(
+    p: argparse.ArgumentParser,
+    nodes: int = 8,
+    size: int = 256 * MIB,
+    rate: int = 10 * MIB,
+    chunk_size: int = 4 * MIB,
+) -> None:
+    """--nodes, --size, --rate, --chunk-size and --keep: one spelling for every fleet script."""
+    p.add_argument("--nodes", type=int, default=nodes, help="daemons (default %(default)s)")
+    p.add_argument(
+        "--size",
+        type=arg_type(parse_size),
+        default=size,
+        help=f"image size (default {size_label(size)})",
+    )
+    p.add_argument(
+        "--rate",
+        type=arg_type(parse_rate),
+        default=rate,
+        help="every daemon's upload and download cap and the seeder's upload cap "
+        f"(default {size_label(rate)}, per second)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=arg_type(parse_size),
+        default=chunk_size,
+        help=f"chunk size (default {size_label(chunk_size)})",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (image, data dirs, logs)")
+
+
 # -- the bound -------------------------------------------------------------------------------
 
 
 def t_min(size: float, nodes: int, down: float, up: float, seed: float) -> float:
     """Kumar & Ross: `max(S/B_down, S/B_seed, N*S/(B_seed + N*B_up))` in seconds."""
     return max(size / down, size / seed, nodes * size / (seed + nodes * up))
+
+
+@dataclass
+class Bound:
+    """A floor on the time to fleet ready and the terms it is the max of (seconds each)."""
+
+    seconds: float
+    terms: dict[str, float]
+    binding: str
+
+
+def fleet_bound(
+    needs: Mapping[str, float],
+    down: Mapping[str, float],
+    up: Mapping[str, float],
+    seed: float,
+    unique: float,
+    starts: Mapping[str, float] | None = None,
+) -> Bound:
+    """Kumar & Ross generalised to nodes that need different bytes, at different caps, from
+    different instants (Cluster runs where not every node is alike).
+
+    - node: the slowest `start_i + need_i / down_i` (no node can receive faster);
+    - seeder: `unique / seed` (every distinct byte leaves the seeder at least once);
+    - fleet: the first T at which `seed * T + sum_i up_i * (T - start_i)+` reaches
+      `sum_i need_i` (every byte a node receives is sent by the seeder or a node that
+      is up; a node's upload counts only from its start).
+
+    With N equal nodes needing S from t=0 this is `t_min(S, N, ...)`.
+    """
+    starts = starts or {}
+    total = sum(needs.values())
+    node_terms = {n: starts.get(n, 0.0) + needs[n] / down[n] for n in needs}
+
+    def capacity(t: float) -> float:
+        return seed * t + sum(up[n] * max(0.0, t - starts.get(n, 0.0)) for n in needs)
+
+    hi = 1.0
+    while capacity(hi) < total:
+        hi *= 2
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if capacity(mid) < total else (lo, mid)
+    terms = {
+        "node": max(node_terms.values(), default=0.0),
+        "seeder": unique / seed,
+        "fleet": hi if total else 0.0,
+    }
+    binding = max(terms, key=lambda k: terms[k])
+    return Bound(terms[binding], terms, binding)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -516,12 +626,31 @@ def free_port(taken: set[int] | None = None) -> int:
             return port
 
 
+@dataclass(frozen=True)
+class NodeSpec:
+    """How one daemon differs from the cluster's defaults: a bench needs fleets where nodes
+    hold different label sets (selectors pick different images) and run at different caps.
+
+    `labels` are added to (and override) the cluster's labels; `zone` replaces the
+    round-robin zone; a rate of None keeps the cluster's rate.
+    """
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    zone: str | None = None
+    upload_rate: int | None = None
+    download_rate: int | None = None
+
+
 @dataclass
 class Node:
     node_id: str
     data_dir: Path
     proc: Proc
     http: Http
+    zone: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    upload_rate: int | None = None
+    download_rate: int | None = None
 
     @property
     def url(self) -> str:
@@ -545,8 +674,10 @@ class Cluster:
 
     `rate` (bytes/s) caps every daemon's upload and download and the seeder's
     upload, unless `upload_rate`, `download_rate` or `seeder_rate` say otherwise
-    (None: no cap). `p2p=False` starts the daemons with `--no-p2p` (the central
-    distributor baseline). Logs: `workdir/seeder.log`, `workdir/<node id>.log`.
+    (None: no cap). `specs[i]` (a NodeSpec), when given, adjusts the i-th daemon
+    (0-based, counting the ones `start_nodes` adds later too). `p2p=False` starts
+    the daemons with `--no-p2p` (the central distributor baseline).
+    Logs: `workdir/seeder.log`, `workdir/<node id>.log`.
     `distd_command` / `seeder_command` replace `python -m distd.cli` / `python -m
     seeder.cli` (e.g. `["py-spy", "record", "-o", "p.svg", "--", sys.executable, "-m",
     "distd.cli"]` to profile); `run` and the flags follow them.
@@ -564,6 +695,7 @@ class Cluster:
         p2p: bool = True,
         labels: Mapping[str, str] = DEFAULT_LABELS,
         zones: Sequence[str] = (),
+        specs: Sequence[NodeSpec] = (),
         token: str | None = None,
         node_prefix: str = "node-",
         daemon_args: Sequence[str] = (),
@@ -583,6 +715,7 @@ class Cluster:
         self.p2p = p2p
         self.labels = dict(labels)
         self.zones = list(zones)
+        self.specs = list(specs)
         self.token = token or secrets.token_hex(16)
         self.node_prefix = node_prefix
         self.daemon_args = list(daemon_args)
@@ -593,6 +726,7 @@ class Cluster:
         self.stop_timeout = stop_timeout
         self.exit_seconds: dict[str, float | None] = {}
         self.downloaded: dict[str, float] = {}
+        self.image_times: dict[str, dict[str, float]] = {}
         self.seeder: Proc | None = None
         self.seeder_http: Http | None = None
         self.nodes: list[Node] = []
@@ -657,19 +791,33 @@ class Cluster:
         """Start `count` more daemons (ids continue the numbering); wait until all are healthy."""
         first = len(self.nodes) + 1
         ids = [f"{self.node_prefix}{i:02d}" for i in range(first, first + count)]
-        specs = []
+        launch = []
+        settings: list[tuple[str, dict[str, str], int | None, int | None]] = []
         for i, node_id in enumerate(ids, start=first - 1):
+            spec = self.specs[i] if i < len(self.specs) else NodeSpec()
             zone = self.zones[i % len(self.zones)] if self.zones else ""
-            specs.append((node_id, self._daemon_command(node_id, zone)))
-        procs = self._launch(specs)
+            zone = zone if spec.zone is None else spec.zone
+            labels = {**self.labels, **spec.labels}
+            up = self.upload_rate if spec.upload_rate is None else spec.upload_rate
+            down = self.download_rate if spec.download_rate is None else spec.download_rate
+            settings.append((zone, labels, up, down))
+            launch.append((node_id, self._daemon_command(node_id, zone, labels, up, down)))
+        procs = self._launch(launch)
         new = [
-            Node(node_id, self.workdir / node_id / "data", proc, Http(proc.url))
-            for node_id, proc in zip(ids, procs, strict=True)
+            Node(node_id, self.workdir / node_id / "data", proc, Http(proc.url), *setting)
+            for node_id, proc, setting in zip(ids, procs, settings, strict=True)
         ]
         self.nodes.extend(new)
         return new
 
-    def _daemon_command(self, node_id: str, zone: str) -> Callable[[int], list[str]]:
+    def _daemon_command(
+        self,
+        node_id: str,
+        zone: str,
+        labels: Mapping[str, str],
+        upload_rate: int | None,
+        download_rate: int | None,
+    ) -> Callable[[int], list[str]]:
         def command(port: int) -> list[str]:
             cmd = [
                 *self.distd_command,
@@ -683,14 +831,14 @@ class Cluster:
                 "--node-id",
                 node_id,
             ]
-            if self.labels:
-                cmd += ["--labels", ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))]
+            if labels:
+                cmd += ["--labels", ",".join(f"{k}={v}" for k, v in sorted(labels.items()))]
             if zone:
                 cmd += ["--zone", zone]
-            if self.upload_rate is not None:
-                cmd += ["--max-upload-rate", str(self.upload_rate)]
-            if self.download_rate is not None:
-                cmd += ["--max-download-rate", str(self.download_rate)]
+            if upload_rate is not None:
+                cmd += ["--max-upload-rate", str(upload_rate)]
+            if download_rate is not None:
+                cmd += ["--max-download-rate", str(download_rate)]
             if not self.p2p:
                 cmd.append("--no-p2p")
             return cmd + self.daemon_args
@@ -863,6 +1011,20 @@ class Cluster:
 
         return asyncio.run(go())
 
+    def assign_all(self, rules: Sequence[tuple[str, str]]) -> float:
+        """Assign each (name, selector) over one connection; `time.monotonic()` at the first
+        send. For workloads of several images that must land on the fleet at one instant."""
+
+        async def go() -> float:
+            async with SeederClient(self.seeder_url, token=self.token) as client:
+                await client.healthz()
+                t0 = time.monotonic()
+                for name, selector in rules:
+                    await client.assign(name, selector=selector)
+                return t0
+
+        return asyncio.run(go())
+
     # -- observation --
 
     def status(self, node: Node) -> dict[str, Any]:
@@ -904,11 +1066,49 @@ class Cluster:
         every unfinished node and the end of its log. A node that reports `failed` is
         waited for (the daemon retries), and its error is in that message.
         """
-        targets = list(self.nodes if nodes is None else nodes)
+        targets = self.nodes if nodes is None else nodes
+        return self.wait_sets(
+            {n.node_id: {name: digest} for n in targets},
+            since,
+            timeout,
+            poll=poll,
+            max_poll=max_poll,
+            on_ready=on_ready,
+            on_progress=on_progress,
+        )
+
+    def wait_sets(
+        self,
+        wants: Mapping[str, Mapping[str, str | None]],
+        since: float,
+        timeout: float,
+        *,
+        not_before: Mapping[str, float] | None = None,
+        poll: float = 0.05,
+        max_poll: float = 1.0,
+        on_ready: ReadyCallback | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, float]:
+        """`wait_ready` for a fleet whose nodes each need their own set of images.
+
+        `wants` is {node id: {name: digest or None}}; a node is ready when every name in
+        its set is (one status request per poll covers them all, so a node that finishes
+        one image while the bench waits on another is still timed to the poll).
+        `not_before` is {node id: seconds after `since`} before which a node is not
+        polled (it has nothing assigned yet). Per node and name, the time each image got
+        ready lands in `self.image_times`; `self.downloaded` and the errors are as in
+        `wait_ready`, over the whole set.
+        """
+        by_id = {n.node_id: n for n in self.nodes}
+        unknown = sorted(set(wants) - set(by_id))
+        if unknown:
+            raise ClusterError(f"no such node: {', '.join(unknown)}")
+        targets = [by_id[nid] for nid in wants]
         done: dict[str, float] = {}
-        rows: dict[str, dict[str, Any] | None] = {n.node_id: None for n in targets}
+        rows: dict[str, dict[str, dict[str, Any]]] = {n.node_id: {} for n in targets}
         self.downloaded = {}
-        due = dict.fromkeys(rows, 0.0)
+        self.image_times = {n.node_id: {} for n in targets}
+        due = {nid: since + (not_before or {}).get(nid, 0.0) for nid in rows}
         first: dict[str, tuple[float, int]] = {}  # first (time, bytes_done > 0) seen
         deadline = since + timeout
         while True:
@@ -918,31 +1118,37 @@ class Cluster:
                     continue
                 if not node.proc.alive():
                     raise ClusterError(self._unfinished(targets, done, rows, "a daemon exited"))
+                want = wants[nid]
                 try:
-                    row = self.image_row(self.status(node), name)
+                    status = self.status(node)
+                    fresh = {n: self.image_row(status, n) for n in want}
+                    rows[nid] = {n: r for n, r in fresh.items() if r is not None}
                 except (OSError, http.client.HTTPException, ClusterError, ValueError):
-                    row = rows[nid]  # busy or restarting: keep the last answer
+                    pass  # busy or restarting: keep the last answer
                 t = time.monotonic()
-                rows[nid] = row
-                if row is not None and nid not in self.downloaded:
-                    total = int(row.get("bytes_total") or 0)
-                    if total and int(row.get("bytes_done") or 0) >= total:
-                        self.downloaded[nid] = t - since
-                state, version = (row.get("state"), row.get("digest")) if row else (None, None)
-                if state == "ready" and digest in (None, version):
+                have = rows[nid]
+                for n, row in have.items():
+                    if row.get("state") == "ready" and want[n] in (None, row.get("digest")):
+                        self.image_times[nid].setdefault(n, t - since)
+                got = sum(int(r.get("bytes_done") or 0) for r in have.values())
+                total = sum(int(r.get("bytes_total") or 0) for r in have.values())
+                if len(have) == len(want) and nid not in self.downloaded and total and got >= total:
+                    self.downloaded[nid] = t - since
+                if len(self.image_times[nid]) == len(want):
                     done[nid] = t - since
                     if on_ready is not None:
                         on_ready(nid, t - since)
                     continue
-                due[nid] = t + self._poll_interval(row, first, nid, t, poll, max_poll)
+                summary = {"bytes_done": got, "bytes_total": total} if have else None
+                due[nid] = t + self._poll_interval(summary, first, nid, t, poll, max_poll)
             if on_progress is not None:
-                progress = [r for r in rows.values() if r is not None]
+                every = [r for node_rows in rows.values() for r in node_rows.values()]
                 on_progress(
                     len(done),
                     len(targets),
                     time.monotonic() - since,
-                    sum(int(r.get("bytes_done") or 0) for r in progress),
-                    sum(int(r.get("bytes_total") or 0) for r in progress),
+                    sum(int(r.get("bytes_done") or 0) for r in every),
+                    sum(int(r.get("bytes_total") or 0) for r in every),
                 )
             if len(done) == len(targets):
                 return done
@@ -981,19 +1187,21 @@ class Cluster:
         self,
         targets: Sequence[Node],
         done: Mapping[str, float],
-        rows: Mapping[str, dict[str, Any] | None],
+        rows: Mapping[str, Mapping[str, Mapping[str, Any]]],
         why: str,
     ) -> str:
         lines = [f"{why}: {len(done)}/{len(targets)} nodes ready"]
         for node in targets:
             if node.node_id in done:
                 continue
-            row = rows.get(node.node_id)
+            have = rows.get(node.node_id) or {}
             state = "exited" if not node.proc.alive() else "no image row"
-            if row is not None:
-                state = (
-                    f"{row.get('state')} {row.get('bytes_done')}/{row.get('bytes_total')} bytes"
+            if have:
+                state = "; ".join(
+                    f"{'' if len(have) == 1 else name + ': '}{row.get('state')} "
+                    f"{row.get('bytes_done')}/{row.get('bytes_total')} bytes"
                     + (f", error: {row['error']}" if row.get("error") else "")
+                    for name, row in sorted(have.items())
                 )
             lines.append(f"--- {node.node_id} ({state}; log {node.proc.log_path}):")
             lines.append(node.proc.log_tail(15))

@@ -18,17 +18,16 @@ import time
 from pathlib import Path
 
 from bench.cluster import (
-    MIB,
     Cluster,
     ClusterError,
+    add_fleet_arguments,
     default_workdir,
     install_signal_handlers,
     make_random_tree,
     quantile,
     t_min,
 )
-from bench.fanout import arg_type
-from manifests.units import format_size, parse_rate, parse_size
+from manifests.units import format_size
 
 IMAGE = "demo/image:v1"
 
@@ -43,20 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="One seeder and N capped daemons on loopback: push an image, assign it "
         "to all, and watch every node get ready in about the time one node needs.",
     )
-    p.add_argument("--nodes", type=int, default=8, help="daemons (default %(default)s)")
-    p.add_argument(
-        "--size", type=arg_type(parse_size), default=256 * MIB, help="image size (default 256MiB)"
-    )
-    p.add_argument(
-        "--rate",
-        type=arg_type(parse_rate),
-        default=10 * MIB,
-        help="upload and download cap of every node and the seeder (default 10MiB per second)",
-    )
-    p.add_argument(
-        "--chunk-size", type=arg_type(parse_size), default=4 * MIB, help="chunk size (default 4MiB)"
-    )
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (data and logs)")
+    add_fleet_arguments(p)
     return p
 
 
