@@ -26,28 +26,31 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
+from bench.cdf import write_cdf
 from bench.cluster import (
     GIB,
-    MIB,
     Cluster,
     ClusterError,
     ImageTree,
     NodeMetrics,
     Samples,
+    add_fleet_arguments,
+    arg_type,
     default_workdir,
     install_signal_handlers,
     make_random_tree,
     quantile,
     sample,
+    size_label,
     t_min,
 )
-from manifests.units import format_size, parse_rate, parse_size
+from bench.workload import Workload, build, image_index, write_trees
+from manifests.units import format_size, parse_size
 
 MODES = ("p2p", "central")
 IMAGE = "bench/fanout:v1"
-T = TypeVar("T")
 # The central baseline is a plain distributor: it serves every request (no super-seeding,
 # which would defer nodes that have no peers to turn to) with a slot for each of them.
 CENTRAL_SEEDER_ARGS = ("--no-superseed",)
@@ -58,14 +61,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def log(msg: str) -> None:
     print(f"bench.fanout: {msg}", file=sys.stderr, flush=True)
-
-
-def size_label(n: int) -> str:
-    """256MiB, 1GiB, 1500000B: exact, for file names."""
-    for unit, mult in (("GiB", GIB), ("MiB", MIB), ("KiB", 1 << 10)):
-        if n % mult == 0:
-            return f"{n // mult}{unit}"
-    return f"{n}B"
 
 
 def rate_text(rate: float) -> str:
@@ -378,6 +373,298 @@ def result_json(results: list[ModeResult], args: argparse.Namespace, tree: Image
     return json.dumps(doc, indent=2) + "\n"
 
 
+# -- workloads: a mixed fleet (slow and late nodes) and the repave ------------------------------
+
+
+@dataclass
+class WorkloadResult:
+    """One mode's run of a Workload: per-node times from the first assign, and what moved."""
+
+    mode: str
+    bound: float
+    times: dict[str, float]
+    starts: dict[str, float]
+    own: dict[str, float]
+    image_times: dict[str, dict[str, float]]
+    received: dict[str, float]
+    from_peers: float
+    from_seeder: float
+    seeder_sent: float
+    seeder_sent_source: str
+    chunks_rejected: float
+    cpu_seconds: float
+    cpu_by_process: dict[str, float]
+    push_seconds: float
+    verified: bool
+    exit_seconds: dict[str, float | None] = field(default_factory=dict)
+    timeline: list[dict[str, float | None]] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def workload_stats(r: WorkloadResult, wl: Workload) -> dict[str, float]:
+    """Fleet ready and p50 over the fleet bound; each node's own time over its own bound."""
+    values = list(r.times.values())
+    received = r.from_peers + r.from_seeder
+    plans = {n.node_id: n for n in wl.nodes}
+    own_ratios = [r.own[n] / plans[n].own_bound for n in r.own if plans[n].need]
+    return {
+        "ready": max(values),
+        "p50": quantile(values, 0.5),
+        "p90": quantile(values, 0.9),
+        "ready_ratio": max(values) / r.bound,
+        "p50_ratio": quantile(values, 0.5) / r.bound,
+        "p90_ratio": quantile(values, 0.9) / r.bound,
+        "own_ratio_p50": quantile(own_ratios, 0.5),
+        "own_ratio_max": max(own_ratios),
+        "peer_share": r.from_peers / received if received else 0.0,
+        "seeder_sent_over_unique": r.seeder_sent / wl.unique_bytes,
+        "received_over_needed": received / wl.needed_bytes,
+        "cpu_s_per_gib": r.cpu_seconds / (wl.needed_bytes / GIB),
+    }
+
+
+def run_workload(
+    mode: str, args: argparse.Namespace, wl: Workload, workdir: Path
+) -> WorkloadResult:
+    """Start a fresh fleet as `wl` plans it, push every image, assign on time and late,
+    wait until every node holds its whole set, then scrape and check every tree."""
+    n = len(wl.nodes)
+    bound = wl.bound().seconds
+    timeout = args.timeout or (
+        3 * wl.central_floor() + 60 if mode == "central" else max(10 * bound, bound + 120)
+    )
+    seeder_args: list[str] = []
+    if mode == "central":
+        seeder_args = [*CENTRAL_SEEDER_ARGS, "--upload-slots", str(CENTRAL_SLOTS_PER_NODE * n)]
+    log(f"{mode}: starting 1 seeder and {n} daemons (logs in {workdir})")
+    specs = [p.spec() for p in wl.nodes]
+    with Cluster(
+        workdir,
+        n,
+        wl.rate,
+        seeder_rate=wl.seed_rate,
+        p2p=mode == "p2p",
+        seeder_args=seeder_args,
+        specs=specs,
+    ) as cluster:
+        push_seconds = 0.0
+        for name, tree in wl.trees.items():
+            pushed = cluster.push(tree.root, name, chunk_size=args.chunk_size)
+            push_seconds += pushed.seconds
+        log(
+            f"{mode}: pushed {len(wl.trees)} image(s), {format_size(wl.unique_bytes)} distinct, "
+            f"in {push_seconds:.1f} s"
+        )
+        cpu0 = cluster.cpu_seconds()
+        progress = ProgressLine(mode)
+        timeline = Timeline(cluster, args.timeline)
+        late_rules = wl.rules(late=True)
+        late_sent: list[float] = []
+        t0 = cluster.assign_all(wl.rules(late=False))
+
+        def on_progress(ready: int, total: int, elapsed: float, done: int, size: int) -> None:
+            if late_rules and not late_sent and elapsed >= wl.late_at:
+                late_sent.append(cluster.assign_all(late_rules) - t0)
+                log(f"{mode}: late nodes assigned at {late_sent[0]:.2f} s")
+            progress(ready, total, elapsed, done, size)
+            timeline(ready, total, elapsed, done, size)
+
+        not_before = {p.node_id: p.start for p in wl.nodes if p.late}
+        try:
+            times = cluster.wait_sets(
+                wl.wants(), t0, timeout, not_before=not_before, on_progress=on_progress
+            )
+        finally:
+            progress.close()
+        total = wl.needed_bytes
+        timeline(n, n, time.monotonic() - t0, total, total, True)
+        log(f"{mode}: all {n} nodes ready; slowest {max(times.values()):.2f} s")
+        metrics = cluster.scrape()
+        seeder_sent, source = cluster.seeder_sent_bytes()
+        cpu1 = cluster.cpu_seconds()
+        image_times = {k: dict(v) for k, v in cluster.image_times.items()}
+        by_id = {node.node_id: node for node in cluster.nodes}
+        for name, tree in wl.trees.items():
+            cluster.verify(name, tree, nodes=[by_id[p.node_id] for p in wl.holders(name)])
+        log(f"{mode}: every node's trees byte-identical to the pushed trees")
+    starts = {p.node_id: (late_sent[0] if p.late and late_sent else 0.0) for p in wl.nodes}
+    cpu_delta = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1}
+    result = WorkloadResult(
+        mode=mode,
+        bound=bound,
+        times=dict(sorted(times.items())),
+        starts=starts,
+        own={k: v - starts[k] for k, v in sorted(times.items())},
+        image_times=image_times,
+        received={k: m.received for k, m in sorted(metrics.items())},
+        from_peers=sum(m.from_peers for m in metrics.values()),
+        from_seeder=sum(m.from_seeder for m in metrics.values()),
+        seeder_sent=seeder_sent,
+        seeder_sent_source=source,
+        chunks_rejected=sum(m.chunks_rejected for m in metrics.values()),
+        cpu_seconds=sum(cpu_delta.values()),
+        cpu_by_process={k: round(v, 3) for k, v in sorted(cpu_delta.items())},
+        push_seconds=push_seconds,
+        verified=True,
+        exit_seconds={k: v if v is None else round(v, 2) for k, v in cluster.exit_seconds.items()},
+        timeline=timeline.points,
+    )
+    result.stats = workload_stats(result, wl)
+    return result
+
+
+def workload_title(wl: Workload, args: argparse.Namespace) -> str:
+    n = len(wl.nodes)
+    slow = sum(p.slow for p in wl.nodes)
+    late = sum(p.late for p in wl.nodes)
+    extra = []
+    if slow:
+        extra.append(f"{slow} at B/2")
+    if late:
+        extra.append(f"{late} assigned at +{wl.late_at:.1f} s")
+    tail = f" ({', '.join(extra)})" if extra else ""
+    if wl.kind == "repave":
+        size = wl.base + next(iter(wl.layers.values()))
+        return (
+            f"Repave: N={n} in 2 zones{tail}, {len(wl.layers)} images of S={format_size(size)} "
+            f"(shared base {format_size(wl.base)}), B={rate_text(wl.rate)}"
+        )
+    total = format_size(wl.unique_bytes)
+    return f"Fan-out, mixed fleet: N={n}{tail}, S={total}, B={rate_text(wl.rate)}"
+
+
+def workload_markdown(results: list[WorkloadResult], wl: Workload, args: argparse.Namespace) -> str:
+    b = wl.bound()
+    n = len(wl.nodes)
+    terms = b.terms
+    slowest = max(wl.nodes, key=lambda p: p.start + p.own_bound)
+    lines = [f"## {workload_title(wl, args)}", ""]
+    if wl.kind == "repave":
+        counts = [len(wl.holders(name)) for name in wl.images]
+        lines.append(
+            f"One seeder and {n} daemons on 127.0.0.1 ({os.cpu_count()} cores), zones a and b "
+            f"alternating. {len(wl.images)} images, each a {format_size(wl.base)} base shared by "
+            f"all (same bytes, so the same chunks) plus "
+            f"{format_size(next(iter(wl.layers.values())))} of its own; image i goes to "
+            f"round(N/(i+1)^{wl.zipf:g}) nodes, picked at random "
+            f"({', '.join(map(str, counts))} nodes), through label selectors `img<i>=1`. "
+            f"Every node starts empty and every image is assigned at once. Distinct bytes "
+            f"{format_size(wl.unique_bytes)}; bytes the nodes need in all (a node needs the "
+            f"base once) {format_size(wl.needed_bytes)}."
+        )
+    else:
+        lines.append(
+            f"One seeder and {n} daemons on 127.0.0.1 ({os.cpu_count()} cores), one image of "
+            f"{format_size(wl.unique_bytes)} for every node, random bytes."
+        )
+    lines.append("")
+    caps = (
+        f"Every cap (up and down, and the seeder's upload) is {rate_text(wl.rate)}"
+        + (", a slow node's half of it" if any(p.slow for p in wl.nodes) else "")
+        + (
+            f"; a late node's daemon runs from the start but gets its assignment "
+            f"{wl.late_at:.1f} s after the others (its clock starts then)"
+            if any(p.late for p in wl.nodes)
+            else ""
+        )
+        + "."
+    )
+    lines += [
+        caps,
+        "",
+        f"Bound: T_bound = max(node, seeder, fleet) = **{b.seconds:.2f} s** ({b.binding}), where "
+        f"node = the slowest node's start + need / its download cap = {terms['node']:.2f} s "
+        f"({slowest.node_id}: {format_size(slowest.need)} from {slowest.start:.1f} s at "
+        f"{rate_text(slowest.down)}); seeder = distinct bytes / seeder cap = "
+        f"{terms['seeder']:.2f} s; fleet = the instant the seeder's and the started nodes' "
+        f"upload caps together could have carried every byte the nodes need = "
+        f"{terms['fleet']:.2f} s. A central distributor's floor is "
+        f"{wl.central_floor():.1f} s (needed bytes / seeder cap, or the slowest node). "
+        "Per node, `own` is its time from its own assignment over need / its download cap.",
+        "",
+        "| mode | fleet ready s | / T_bound | p50 s | p50 / T_bound | own p50 | own max "
+        "| from peers | seeder sent / distinct | received / needed | CPU s/GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        s = r.stats
+        lines.append(
+            f"| {r.mode} | {s['ready']:.2f} | {s['ready_ratio']:.3f} | {s['p50']:.2f} "
+            f"| {s['p50_ratio']:.3f} | {s['own_ratio_p50']:.3f} | {s['own_ratio_max']:.3f} "
+            f"| {100 * s['peer_share']:.1f}% | {s['seeder_sent_over_unique']:.2f} "
+            f"| {s['received_over_needed']:.3f} | {s['cpu_s_per_gib']:.2f} |"
+        )
+    lines += ["", "Per node (seconds from the first assign to `ready` with its whole set):", ""]
+    head = "| node | zone | kind | images | needs | start s | own bound s |"
+    head += "".join(f" {r.mode} s | {r.mode} own |" for r in results)
+    lines += [
+        head,
+        "| --- | --- | --- | --- | ---: | ---: | ---: |" + " ---: | ---: |" * len(results),
+    ]
+    for p in wl.nodes:
+        imgs = ",".join(str(image_index(i)) for i in p.images)
+        cells = "".join(
+            f" {r.times[p.node_id]:.2f} | {r.own[p.node_id] / p.own_bound:.3f} |" for r in results
+        )
+        lines.append(
+            f"| {p.node_id} | {p.zone or '-'} | {p.kind()} | {imgs} | {format_size(p.need)} "
+            f"| {p.start:.1f} | {p.own_bound:.2f} |{cells}"
+        )
+    lines += [
+        "",
+        "p50 and p90 interpolate between ranks. CPU counts every process from the first "
+        "assign until all were ready and scraped, per GiB the nodes needed. "
+        "`received / needed` over 1 means bytes fetched twice (a chunk shared by two images, "
+        "or endgame duplicates). Every node's every image was checked file by file (SHA-256) "
+        "against the pushed tree.",
+    ]
+    late = [p.node_id for p in wl.nodes if p.late]
+    if late and results:
+        sent = "; ".join(f"{r.mode} at {r.starts[late[0]]:.2f} s" for r in results)
+        lines += [
+            "",
+            f"The late nodes were assigned ({sent}) at the planned {wl.late_at:.1f} s "
+            "or just after: `own` counts from that instant.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def workload_json(results: list[WorkloadResult], wl: Workload, args: argparse.Namespace) -> str:
+    b = wl.bound()
+    doc: dict[str, Any] = {
+        "config": {
+            "nodes": len(wl.nodes),
+            "rate": wl.rate,
+            "chunk_size": args.chunk_size,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "plan": wl.plan_json(),
+        "bound": {"seconds": b.seconds, "binding": b.binding, "terms": b.terms},
+        "central_floor": wl.central_floor(),
+        "modes": {r.mode: {**asdict(r), **r.stats} for r in results},
+    }
+    for m in doc["modes"].values():
+        del m["stats"]
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def workload_stem(wl: Workload, args: argparse.Namespace) -> str:
+    n = len(wl.nodes)
+    if wl.kind == "repave":
+        own = next(iter(wl.layers.values()))
+        stem = f"repave-N{n}-K{len(wl.layers)}-{size_label(wl.base)}+{size_label(own)}"
+    else:
+        stem = f"fanout-N{n}-{size_label(wl.unique_bytes)}"
+    if args.slow_fraction:
+        stem += f"-slow{round(100 * args.slow_fraction)}"
+    if args.late_fraction:
+        stem += f"-late{round(100 * args.late_fraction)}"
+    return stem
+
+
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -386,39 +673,13 @@ def _modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def arg_type(fn: Callable[[str], T]) -> Callable[[str], T]:
-    """An argparse `type` from a parser raising ValueError (a bad value is a usage error)."""
-
-    def convert(text: str) -> T:
-        try:
-            return fn(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = fn.__name__
-    return convert
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.fanout",
         description="Time N capped daemons pulling one image from one seeder, through the "
         "swarm (p2p) and from the seeder alone (central), against T_min.",
     )
-    p.add_argument("--nodes", type=int, default=8, help="daemons (default %(default)s)")
-    p.add_argument(
-        "--size", type=arg_type(parse_size), default=256 * MIB, help="image size (default 256MiB)"
-    )
-    p.add_argument(
-        "--rate",
-        type=arg_type(parse_rate),
-        default=10 * MIB,
-        help="every daemon's upload and download cap and the seeder's upload cap "
-        "(default 10MiB, per second)",
-    )
-    p.add_argument(
-        "--chunk-size", type=arg_type(parse_size), default=4 * MIB, help="chunk size (default 4MiB)"
-    )
+    add_fleet_arguments(p)
     p.add_argument(
         "--modes",
         type=_modes,
@@ -442,6 +703,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample every /metrics this often while nodes pull, into the JSON "
         "(default %(default)s; 0 to turn off)",
     )
+    g = p.add_argument_group(
+        "scenarios",
+        "Any of these turns the run into a planned workload: its own Markdown/JSON/PNG "
+        "(fanout-...-slowF-lateF or repave-...), a bound per node and for the fleet.",
+    )
+    g.add_argument(
+        "--repave",
+        action="store_true",
+        help="a mass repave: N nodes in zones a and b, --images images of --size each sharing "
+        "a --base, popularity Zipf-like, assigned by label selectors, all nodes empty at once",
+    )
+    g.add_argument("--images", type=int, default=5, help="repave: images (default 5)")
+    g.add_argument(
+        "--base",
+        type=arg_type(parse_size),
+        default=None,
+        help="repave: bytes of each image that are the shared base (default half of --size)",
+    )
+    g.add_argument(
+        "--zipf",
+        type=float,
+        default=1.0,
+        help="repave: image i goes to round(N/(i+1)^s) nodes (default s=%(default)s)",
+    )
+    g.add_argument(
+        "--slow-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of nodes capped at half --rate, up and down (default 0)",
+    )
+    g.add_argument(
+        "--late-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of nodes that get their assignment --late-at seconds after the rest",
+    )
+    g.add_argument(
+        "--late-at",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="when late nodes are assigned (default: half the bound of the on-time fleet)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="which nodes are slow, late, hold which image (default 1)",
+    )
+    g.add_argument(
+        "--plan", action="store_true", help="print the workload and its bound, start nothing"
+    )
     p.add_argument(
         "--workdir",
         type=Path,
@@ -449,29 +764,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to make the temp dir (default: /dev/shm when present, since N nodes on "
         "one VM would otherwise share one disk)",
     )
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (tree, data, logs)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.nodes < 1:
-        log("--nodes must be at least 1")
-        return 2
-    install_signal_handlers()
-    work = Path(tempfile.mkdtemp(prefix="p2pdist-fanout-", dir=args.workdir))
-    failed = True  # until every mode ran: keep the logs of anything that went wrong
-    results: list[ModeResult] = []
+def write_png(
+    path: Path, curves: Mapping[str, list[float]], bound: float, title: str, bound_label: str
+) -> None:
+    """The CDF beside the .md/.json; without matplotlib, say how to get it and go on."""
     try:
-        log(f"writing a {format_size(args.size)} image of random bytes")
-        tree = make_random_tree(work / "tree", args.size, files=args.files)
-        rate = args.rate
-        tmin = t_min(tree.total_bytes, args.nodes, down=rate, up=rate, seed=rate)
-        log(f"T_min = {tmin:.2f} s; central floor = {args.nodes * tree.total_bytes / rate:.1f} s")
-        for mode in args.modes:
-            results.append(run_mode(mode, args, tree, work / mode, tmin))
-            if not args.keep:
-                shutil.rmtree(work / mode, ignore_errors=True)
+        write_cdf(path, curves, bound, title, bound_label)
+    except ImportError:
+        log(f"no {path.name}: matplotlib is missing (pip install -e '.[bench]')")
+        return
+    log(f"wrote {path}")
+
+
+def run_guarded(args: argparse.Namespace, work: Path, body: Callable[[], None]) -> int | None:
+    """Run `body`; an interrupt or a ClusterError becomes an exit status, and the temp dir
+    is removed unless --keep or something failed (its logs are what one reads next)."""
+    failed = True  # until every mode ran: keep the logs of anything that went wrong
+    try:
+        body()
         failed = False
     except KeyboardInterrupt:
         failed = False
@@ -485,7 +798,101 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {work} (logs: {work}/<mode>/*.log)")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    return None
 
+
+def is_workload(args: argparse.Namespace) -> bool:
+    return bool(args.repave or args.slow_fraction or args.late_fraction)
+
+
+def plan_workload(args: argparse.Namespace) -> Workload:
+    """The Workload the options describe; --late-at defaults to half the on-time bound."""
+    common: dict[str, Any] = {
+        "nodes": args.nodes,
+        "rate": args.rate,
+        "size": args.size,
+        "repave": args.repave,
+        "images": args.images,
+        "base": args.base,
+        "zipf": args.zipf,
+        "slow_fraction": args.slow_fraction,
+        "seed": args.seed,
+    }
+    late_at = args.late_at
+    if late_at is None:
+        late_at = build(**common).bound().seconds / 2 if args.late_fraction else 0.0
+    return build(**common, late_fraction=args.late_fraction, late_at=late_at)
+
+
+def main_workload(args: argparse.Namespace) -> int:
+    wl = plan_workload(args)
+    b = wl.bound()
+    log(
+        f"{wl.kind}: T_bound = {b.seconds:.2f} s ({b.binding}; "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in b.terms.items())
+        + f"); central floor = {wl.central_floor():.1f} s"
+    )
+    if args.plan:
+        print(workload_markdown([], wl, args), end="")
+        return 0
+    install_signal_handlers()
+    work = Path(tempfile.mkdtemp(prefix=f"p2pdist-{wl.kind}-", dir=args.workdir))
+    results: list[WorkloadResult] = []
+
+    def body() -> None:
+        log(f"writing {len(wl.layers)} image(s), {format_size(wl.unique_bytes)} distinct")
+        write_trees(wl, work / "trees", files=args.files)
+        for mode in args.modes:
+            results.append(run_workload(mode, args, wl, work / mode))
+            if not args.keep:
+                shutil.rmtree(work / mode, ignore_errors=True)
+
+    status = run_guarded(args, work, body)
+    if status is not None:
+        return status
+    md = workload_markdown(results, wl, args)
+    print(md, end="")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = workload_stem(wl, args)
+    (args.out / f"{stem}.md").write_text(md)
+    (args.out / f"{stem}.json").write_text(workload_json(results, wl, args))
+    log(f"wrote {args.out / stem}.md and .json")
+    curves = {r.mode: list(r.times.values()) for r in results}
+    write_png(args.out / f"{stem}.png", curves, b.seconds, workload_title(wl, args), "T_bound")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.nodes < 1:
+        log("--nodes must be at least 1")
+        return 2
+    if not (0 <= args.slow_fraction <= 1 and 0 <= args.late_fraction <= 1) or args.images < 1:
+        log("--slow-fraction and --late-fraction are within [0, 1]; --images at least 1")
+        return 2
+    if is_workload(args):
+        return main_workload(args)
+    install_signal_handlers()
+    work = Path(tempfile.mkdtemp(prefix="p2pdist-fanout-", dir=args.workdir))
+    results: list[ModeResult] = []
+    trees: list[ImageTree] = []
+
+    def body() -> None:
+        log(f"writing a {format_size(args.size)} image of random bytes")
+        tree = make_random_tree(work / "tree", args.size, files=args.files)
+        trees.append(tree)
+        rate = args.rate
+        tmin = t_min(tree.total_bytes, args.nodes, down=rate, up=rate, seed=rate)
+        log(f"T_min = {tmin:.2f} s; central floor = {args.nodes * tree.total_bytes / rate:.1f} s")
+        for mode in args.modes:
+            results.append(run_mode(mode, args, tree, work / mode, tmin))
+            if not args.keep:
+                shutil.rmtree(work / mode, ignore_errors=True)
+
+    status = run_guarded(args, work, body)
+    if status is not None:
+        return status
+    (tree,) = trees
     md = markdown(results, args, tree)
     print(md, end="")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -493,6 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(md)
     (args.out / f"{stem}.json").write_text(result_json(results, args, tree))
     log(f"wrote {args.out / stem}.md and .json")
+    title = f"Fan-out: N={args.nodes}, S={format_size(tree.total_bytes)}, B={rate_text(args.rate)}"
+    curves = {r.mode: list(r.times.values()) for r in results}
+    write_png(args.out / f"{stem}.png", curves, results[0].t_min, title, "T_min")
     return 0
 
 
