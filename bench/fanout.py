@@ -11,6 +11,15 @@ The floor is `T_min = max(S/B_down, S/B_seed, N*S/(B_seed + N*B_up))` (DESIGN.md
 a central distributor needs `N*S/B_seed`.
 
     python -m bench.fanout --nodes 8 --size 256MiB --rate 10MiB
+
+Scenarios (bench/workload.py plans them; each has a floor per node and for the fleet,
+`fleet_bound` in bench/cluster.py, and its own files):
+
+    python -m bench.fanout --repave --nodes 16 --images 5 --size 64MiB --base 32MiB
+    python -m bench.fanout --nodes 16 --slow-fraction 0.25 --late-fraction 0.25 --late-at 20
+
+Every run writes bench/results/<stem>.md, .json and .png (the completion-time CDF of
+each mode with the bound as a vertical line; needs the `bench` extra, matplotlib).
 """
 
 from __future__ import annotations
