@@ -7,11 +7,15 @@ JSON and Markdown) without it; `pip install -e '.[bench]'` brings it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from bench.cluster import MIB
+
 # One colour per mode, the same in every picture.
 COLOURS = {"p2p": "tab:blue", "central": "tab:orange"}
+SPREAD = 8.0
 
 
 def write_cdf(
@@ -20,15 +24,23 @@ def write_cdf(
     bound: float,
     title: str,
     bound_label: str = "T_min",
+    marks: Mapping[str, float] | None = None,
 ) -> Path:
-    """Plot each mode's completion times (seconds) as a step CDF, and `bound` as a vertical
-    line, into `path` (PNG). Raises ImportError when matplotlib is missing."""
+    """Plot each mode's completion times (seconds) as a step CDF, `bound` as a vertical line
+    and each of `marks` ({label: seconds}, e.g. the central floor) as a dotted one, into
+    `path` (PNG). When the slowest curve ends more than SPREAD times later than the
+    fastest begins (central against p2p at large N), the time axis is logarithmic, so
+    the p2p curve is not squashed against zero. Raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: this runs on servers and in CI
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
+    lines = {bound_label: bound, **(marks or {})}
+    every = [t for times in curves.values() for t in times if t > 0]
+    low = min([*every, *lines.values()])
+    log_x = bool(every) and max([*every, *lines.values()]) > SPREAD * low
     try:
         top = bound
         for mode, times in curves.items():
@@ -38,7 +50,7 @@ def write_cdf(
             n = len(xs)
             ys = [(i + 1) / n for i in range(n)]
             ax.step(
-                [0.0, *xs],
+                [low / 2 if log_x else 0.0, *xs],
                 [0.0, *ys],
                 where="post",
                 label=f"{mode} (n={n}, max {xs[-1]:.1f} s)",
@@ -46,19 +58,18 @@ def write_cdf(
                 linewidth=1.8,
             )
             top = max(top, xs[-1])
-        ax.axvline(bound, color="black", linestyle="--", linewidth=1.2)
-        ax.text(
-            bound,
-            0.02,
-            f" {bound_label} = {bound:.1f} s",
-            rotation=90,
-            va="bottom",
-            ha="right",
-            fontsize=8,
-        )
-        ax.set_xlim(0.0, top * 1.05)
+        for i, (label, x) in enumerate(lines.items()):
+            ax.axvline(x, color="black", linestyle="--" if i == 0 else ":", linewidth=1.2)
+            ax.text(x, 0.98, f"{label} = {x:.1f} s ", rotation=90, va="top", ha="right", fontsize=8)
+            top = max(top, x)
+        if log_x:
+            ax.set_xscale("log")
+            ax.set_xlim(low / 1.5, top * 1.3)
+        else:
+            ax.set_xlim(0.0, top * 1.05)
         ax.set_ylim(0.0, 1.02)
-        ax.set_xlabel("seconds from the assign until the node is ready")
+        scale = " (log scale)" if log_x else ""
+        ax.set_xlabel(f"seconds from the assign until the node is ready{scale}")
         ax.set_ylabel("fraction of nodes ready")
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -69,3 +80,37 @@ def write_cdf(
     finally:
         plt.close(fig)
     return path
+
+
+def replot(result: Path) -> Path:
+    """Draw the PNG of a bench result JSON again (after a change to the picture, or to get
+    it where matplotlib was missing during the run), beside the JSON."""
+    import json
+
+    doc = json.loads(result.read_text())
+    curves = {mode: list(r["times"].values()) for mode, r in doc["modes"].items()}
+    marks = {"central floor": doc["central_floor"]} if "central" in curves else {}
+    if "bound" in doc:  # a workload run (bench/workload.py)
+        bound, label, title = doc["bound"]["seconds"], "T_bound", doc.get("title", result.stem)
+    else:
+        c = doc["config"]
+        bound, label = doc["t_min"], "T_min"
+        title = f"Fan-out: N={c['nodes']}, S={c['size'] / MIB:g} MiB, B={c['rate'] / MIB:g} MiB/s"
+    return write_cdf(result.with_suffix(".png"), curves, bound, title, label, marks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m bench.cdf",
+        description="Redraw the completion-time CDF PNG of bench.fanout result JSON files.",
+    )
+    p.add_argument("results", nargs="+", type=Path, help="bench/results/*.json of bench.fanout")
+    for path in p.parse_args(argv).results:
+        print(f"wrote {replot(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -627,6 +627,19 @@ def workload_markdown(results: list[WorkloadResult], wl: Workload, args: argpars
         "or endgame duplicates). Every node's every image was checked file by file (SHA-256) "
         "against the pushed tree.",
     ]
+    for r in results:
+        rate = r.seeder_sent / r.stats["ready"]
+        floor = (
+            f"; fleet ready is {r.stats['ready'] / wl.central_floor():.2f}x the central floor"
+            if r.mode == "central"
+            else ""
+        )
+        lines += [
+            "",
+            f"{r.mode}: the seeder sent {format_size(r.seeder_sent)} ({r.seeder_sent_source}), "
+            f"{rate_text(rate)} on average until fleet ready, {100 * rate / wl.seed_rate:.0f}% "
+            f"of its cap{floor}.",
+        ]
     late = [p.node_id for p in wl.nodes if p.late]
     if late and results:
         sent = "; ".join(f"{r.mode} at {r.starts[late[0]]:.2f} s" for r in results)
@@ -650,6 +663,7 @@ def workload_json(results: list[WorkloadResult], wl: Workload, args: argparse.Na
             "machine": platform.machine(),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
+        "title": workload_title(wl, args),
         "plan": wl.plan_json(),
         "bound": {"seconds": b.seconds, "binding": b.binding, "terms": b.terms},
         "central_floor": wl.central_floor(),
@@ -777,11 +791,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_png(
-    path: Path, curves: Mapping[str, list[float]], bound: float, title: str, bound_label: str
+    path: Path,
+    curves: Mapping[str, list[float]],
+    bound: float,
+    title: str,
+    bound_label: str,
+    marks: Mapping[str, float],
 ) -> None:
     """The CDF beside the .md/.json; without matplotlib, say how to get it and go on."""
     try:
-        write_cdf(path, curves, bound, title, bound_label)
+        write_cdf(path, curves, bound, title, bound_label, marks)
     except ImportError:
         log(f"no {path.name}: matplotlib is missing (pip install -e '.[bench]')")
         return
@@ -867,7 +886,9 @@ def main_workload(args: argparse.Namespace) -> int:
     (args.out / f"{stem}.json").write_text(workload_json(results, wl, args))
     log(f"wrote {args.out / stem}.md and .json")
     curves = {r.mode: list(r.times.values()) for r in results}
-    write_png(args.out / f"{stem}.png", curves, b.seconds, workload_title(wl, args), "T_bound")
+    marks = {"central floor": wl.central_floor()} if "central" in curves else {}
+    png = args.out / f"{stem}.png"
+    write_png(png, curves, b.seconds, workload_title(wl, args), "T_bound", marks)
     return 0
 
 
@@ -911,7 +932,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {args.out / stem}.md and .json")
     title = f"Fan-out: N={args.nodes}, S={format_size(tree.total_bytes)}, B={rate_text(args.rate)}"
     curves = {r.mode: list(r.times.values()) for r in results}
-    write_png(args.out / f"{stem}.png", curves, results[0].t_min, title, "T_min")
+    floor = args.nodes * tree.total_bytes / args.rate
+    marks = {"central floor": floor} if "central" in curves else {}
+    write_png(args.out / f"{stem}.png", curves, results[0].t_min, title, "T_min", marks)
     return 0
 
 
