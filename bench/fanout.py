@@ -406,6 +406,8 @@ class WorkloadResult:
     push_seconds: float
     verified: bool
     exit_seconds: dict[str, float | None] = field(default_factory=dict)
+    seeder_counters: dict[str, float] = field(default_factory=dict)
+    node_counters: dict[str, float] = field(default_factory=dict)
     timeline: list[dict[str, float | None]] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
 
@@ -490,6 +492,7 @@ def run_workload(
         log(f"{mode}: all {n} nodes ready; slowest {max(times.values()):.2f} s")
         metrics = cluster.scrape()
         seeder_sent, source = cluster.seeder_sent_bytes()
+        seeder_samples = cluster.seeder_metrics() or {}
         cpu1 = cluster.cpu_seconds()
         image_times = {k: dict(v) for k, v in cluster.image_times.items()}
         by_id = {node.node_id: node for node in cluster.nodes}
@@ -516,6 +519,8 @@ def run_workload(
         push_seconds=push_seconds,
         verified=True,
         exit_seconds={k: v if v is None else round(v, 2) for k, v in cluster.exit_seconds.items()},
+        seeder_counters=_flat(seeder_samples),
+        node_counters=_totals(metrics),
         timeline=timeline.points,
     )
     result.stats = workload_stats(result, wl)
