@@ -127,9 +127,14 @@ class Scheduler:
         return [self._drop(peer_id, i) for i in list(peer.inflight)]
 
     def peer_has(self, peer_id: str, index: int) -> None:
+        """A neighbour announced one new chunk (the commonest event of all: kept short)."""
         peer = self.peers.get(peer_id)
         if peer is not None and 0 <= index < self.n:
-            self._set_have(peer, peer.have | (1 << index))
+            bit = 1 << index
+            if not peer.have & bit:
+                peer.have |= bit
+                if not peer.is_seeder:
+                    self.availability[index] += 1
 
     def mark_have(self, index: int) -> list[Request]:
         """We hold chunk `index` (from any source): requests still out for it are returned."""
@@ -180,24 +185,34 @@ class Scheduler:
     # --- decisions --------------------------------------------------------------------
 
     def next_requests(self, now: float) -> list[Request]:
-        """Requests to send now, filling free slots of the best usable peers."""
+        """Requests to send now, filling free slots of the best usable peers.
+
+        Peers are visited best first (see `preference`, random within a rank), drawn
+        lazily: a node with one free slot and eighty neighbours usually needs one or
+        two of them, and this runs after every busy answer.
+        """
         cfg = self.config
         stalled = [r for r in self._requests() if self._stalled_at(r) <= now]
         self.stalled = len(stalled)
         stuck = {r.peer_id for r in stalled}  # as good as busy: do not count on them
-        if self.complete or self.inflight - self.stalled >= cfg.max_inflight:
+        if self.complete or self.inflight - self.stalled >= self._limit():
             return []
         missing = self.missing
-        usable = [p for p in self.peers.values() if p.have & missing and p.usable(now)]
-        self.rng.shuffle(usable)
-        usable.sort(key=lambda p: preference(p, cfg.my_zone))
-        out: list[Request] = []
+        ranks: dict[tuple[bool, bool, int], list[PeerState]] = {}
         reachable = 0
-        for p in usable:
-            if not p.is_seeder:
-                if p.peer_id not in stuck:
+        for p in self.peers.values():
+            if p.have & missing and p.usable(now):
+                if not p.is_seeder and p.peer_id not in stuck:
                     reachable |= p.have
+                ranks.setdefault(preference(p, cfg.my_zone), []).append(p)
+        usable: list[PeerState] = []  # in the order visited, for the later passes
+        out: list[Request] = []
+        for p in self._best_first(ranks):
+            usable.append(p)
+            if not p.is_seeder:
                 self._fill(p, p.have & self.missing & ~self.pending_bits, now, out)
+            if self._free() <= 0:
+                return out  # every pass below needs a free slot
         for p in usable:
             if p.is_seeder:
                 wanted = p.have & self.missing & ~self.pending_bits & ~reachable
@@ -205,12 +220,26 @@ class Scheduler:
         if self.in_endgame():
             late = self._late(now)
             for p in usable:
+                if self._free() <= 0:
+                    break
                 # Not a chunk the peer deferred: asked again at once, a seeder would answer
                 # "deferred" again, as fast as the round trip allows.
                 hedge = late & p.have & ~bitfield.from_indexes(p.inflight) & ~p.withheld_bits(now)
                 self._fill(p, hedge, now, out)
                 late = self._late(now)
         return out
+
+    def _best_first(
+        self, ranks: dict[tuple[bool, bool, int], list[PeerState]]
+    ) -> Iterator[PeerState]:
+        """Every peer of `ranks`, best rank first, in random order within a rank; drawn as
+        needed (a lazy Fisher-Yates), so stopping early costs nothing for the rest."""
+        for key in sorted(ranks):
+            group = ranks[key]
+            while group:
+                j = self.rng.randrange(len(group))
+                group[j], group[-1] = group[-1], group[j]
+                yield group.pop()
 
     def _hedge_at(self, index: int) -> float:
         """When the requests for `index` count as late enough to duplicate."""
@@ -236,25 +265,36 @@ class Scheduler:
         backoff ending, a request turning late enough to hedge."""
         times = [r.deadline for r in self._requests()]
         times += [self._stalled_at(r) for r in self._requests()]
-        if self.inflight < self.config.max_inflight:
+        if self.inflight < self._limit():
             # Backoffs and deferrals matter only while a request slot is free.
             missing = self.missing
             if self.in_endgame():
                 limit = self.config.endgame_duplicates
                 times += [self._hedge_at(i) for i, r in self.pending.items() if len(r) < limit]
-            for p in self.peers.values():
-                if p.have & missing and not p.usable(now):
-                    times.append(max(p.blocked_until, p.banned_until))
-                times += [t for i, t in p.withheld.items() if bitfield.has(missing, i)]
+            for p in self.peers.values():  # runs after every busy answer: kept lean
+                if p.have & missing:
+                    until = max(p.blocked_until, p.banned_until)
+                    if until > now:  # not usable(now)
+                        times.append(until)
+                if p.withheld:
+                    times += [t for i, t in p.withheld.items() if bitfield.has(missing, i)]
         future = [t for t in times if t > now]
         return min(future) if future else None
 
     # --- internals --------------------------------------------------------------------
 
+    def _free(self) -> int:
+        """Request slots free in all (stalled requests do not hold theirs)."""
+        return self._limit() - self.inflight + self.stalled
+
+    def _limit(self) -> int:
+        """Requests allowed in flight now."""
+        return self.config.max_inflight
+
     def _slots(self, peer: PeerState) -> int:
         cfg = self.config
         per_peer = cfg.per_seeder_inflight if peer.is_seeder else cfg.per_peer_inflight
-        return min(per_peer - len(peer.inflight), cfg.max_inflight - self.inflight + self.stalled)
+        return min(per_peer - len(peer.inflight), self._free())
 
     def _requests(self) -> Iterator[Request]:
         for reqs in self.pending.values():
