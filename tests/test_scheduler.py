@@ -136,7 +136,9 @@ def test_invariants_hold_and_every_available_chunk_arrives(
 def test_seeder_is_asked_only_for_what_no_neighbour_holds() -> None:
     sched = Scheduler(
         [100] * 8,
-        config=SchedulerConfig(per_peer_inflight=8, per_seeder_inflight=2, max_inflight=32),
+        config=SchedulerConfig(
+            per_peer_inflight=8, per_seeder_inflight=2, max_inflight=32, first_chunks=0
+        ),
     )
     sched.add_peer("seed", is_seeder=True, have=bitfield.full(8))
     sched.add_peer("a", have=0b00001111)
@@ -153,7 +155,9 @@ def test_seeder_is_asked_only_for_what_no_neighbour_holds() -> None:
 
 
 def test_rarest_chunk_is_picked_first_after_the_random_start() -> None:
-    sched = Scheduler([100] * 4, config=SchedulerConfig(per_peer_inflight=1, max_inflight=3))
+    sched = Scheduler(
+        [100] * 4, config=SchedulerConfig(per_peer_inflight=1, max_inflight=3, first_chunks=0)
+    )
     sched.picker = RarestFirst(random_first=0)
     sched.add_peer("a", have=0b1111)
     sched.add_peer("b", have=0b0111)
@@ -252,7 +256,9 @@ def test_timeouts_are_returned_for_cancelling_and_retried() -> None:
 
 
 def test_peer_leaving_returns_its_requests() -> None:
-    sched = Scheduler([10] * 3, config=SchedulerConfig(per_peer_inflight=3, max_inflight=3))
+    sched = Scheduler(
+        [10] * 3, config=SchedulerConfig(per_peer_inflight=3, max_inflight=3, first_chunks=0)
+    )
     sched.add_peer("a", have=0b111)
     reqs = sched.next_requests(0.0)
     assert len(sched.remove_peer("a")) == len(reqs) == 3
@@ -271,7 +277,7 @@ def test_same_zone_peers_are_preferred() -> None:
 
 
 def test_stalled_requests_stop_holding_every_slot() -> None:
-    cfg = SchedulerConfig(max_inflight=2, stall_unmeasured=2.0)
+    cfg = SchedulerConfig(max_inflight=2, stall_unmeasured=2.0, first_chunks=0)
     sched = Scheduler([1 << 20] * 4, config=cfg)
     for name in ("silent1", "silent2", "good"):
         sched.add_peer(name, have=0b1111)
@@ -297,3 +303,16 @@ def test_a_transfer_gone_silent_is_stalled_after_stall_idle() -> None:
     assert sched.next_wakeup(2.1) == 2.2
     (second,) = sched.next_requests(2.2)  # silent for 1 s: its slot is free again
     assert second.peer_id != first.peer_id and second.index != first.index
+
+
+def test_an_empty_node_asks_for_one_chunk_at_a_time_until_it_holds_first_chunks() -> None:
+    cfg = SchedulerConfig(per_peer_inflight=1, max_inflight=2, first_chunks=2)
+    sched = Scheduler([100] * 4, config=cfg)
+    sched.add_peer("a", have=0b1111)
+    sched.add_peer("b", have=0b1111)
+    (first,) = sched.next_requests(0.0)  # one, though two slots and two peers
+    sched.on_received(first.peer_id, first.index, 0.1)
+    assert sched.next_requests(0.1) and sched.inflight == 1  # still one: holds 1 of 2
+    (r,) = next(iter(sched.pending.values())).values()
+    sched.on_received(r.peer_id, r.index, 0.2)
+    assert len(sched.next_requests(0.2)) == 2  # holds 2: the full max_inflight
