@@ -35,6 +35,7 @@ def write_cdf(
 
     matplotlib.use("Agg")  # no display: this runs on servers and in CI
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=120)
     lines = {bound_label: bound, **(marks or {})}
@@ -65,6 +66,10 @@ def write_cdf(
         if log_x:
             ax.set_xscale("log")
             ax.set_xlim(low / 1.5, top * 1.3)
+            plain = FuncFormatter(lambda x, _: f"{x:g}")  # 30, not 3 x 10^1
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="x", which="both", labelsize=7)
         else:
             ax.set_xlim(0.0, top * 1.05)
         ax.set_ylim(0.0, 1.02)
