@@ -29,11 +29,15 @@ from manifests.model import ManifestError
 
 log = logging.getLogger(__name__)
 
-# What a capped upload writes per token-bucket payment. Each slice wakes the receiving
-# process once; in the N=16 fan-out on 2 cores, 64 KiB slices cost 14 CPU s per GiB
-# delivered and 1 MiB slices under 10. At 10 MiB/s a slice is 0.1 s of the cap, well
-# inside the scheduler's stall allowance (1 s without progress).
+# What a capped upload writes per token-bucket payment: `SLICE_SECONDS` of the upload's
+# share of the cap, within [MIN_SLICE, SLICE_SIZE] (see `slice_for`). Each slice wakes
+# the receiving process once; in the N=16 fan-out on 2 cores, 64 KiB slices cost 14 CPU
+# s per GiB delivered and 1 MiB slices under 10. Tied to time rather than fixed, so an
+# upload sharing a cap with many others still shows progress several times a second,
+# well inside the scheduler's stall allowance (1 s without progress).
 SLICE_SIZE = 1 << 20
+MIN_SLICE = 64 << 10
+SLICE_SECONDS = 0.1
 CUT_SHORT = "cut_short"
 # A connection that has not sent a whole request head this long after it opened (or after
 # its last response) is closed: idle keep-alive connections and slow-loris clients alike.
@@ -215,6 +219,15 @@ async def send_bytes(
     except ConnectionError:
         resp[CUT_SHORT] = True
     return resp
+
+
+def slice_for(bucket: TokenBucket, uploads: int) -> int:
+    """Bytes per write for one of `uploads` transfers sharing `bucket` (see SLICE_SIZE)."""
+    rate = bucket.rate
+    if rate is None:
+        return SLICE_SIZE
+    share = rate / max(1, uploads)
+    return int(min(SLICE_SIZE, max(MIN_SLICE, share * SLICE_SECONDS)))
 
 
 def _error(

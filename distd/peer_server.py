@@ -18,7 +18,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from distd.catalog import Catalog, Image
-from distd.httpserver import CUT_SHORT, ApiError, respond, send_bytes
+from distd.httpserver import CUT_SHORT, ApiError, respond, send_bytes, slice_for
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore, raw_size_of
 from distd.swarm import bitfield
@@ -109,7 +109,10 @@ class ChunkServer:
                 wire.H_ENCODING: info.encoding.value,
                 wire.H_SIZE: str(raw_size_of(payload, info.encoding)),
             }
-            resp = await send_bytes(request, payload, headers=headers, bucket=self.bucket)
+            slice_size = slice_for(self.bucket, self.active)
+            resp = await send_bytes(
+                request, payload, headers=headers, bucket=self.bucket, slice_size=slice_size
+            )
             if resp.get(CUT_SHORT):
                 log.debug("upload of %s cut short by the asker", digest[:16])
                 if self.policy is not None:

@@ -32,7 +32,7 @@ import http.client as http_client
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,8 +88,15 @@ class ProxiedCluster(Cluster):
         super().__init__(workdir, nodes, rate, daemon_args=FAST)
         self.advertise = advertise
 
-    def _daemon_command(self, node_id: str, zone: str) -> Callable[[int], list[str]]:
-        base = super()._daemon_command(node_id, zone)
+    def _daemon_command(
+        self,
+        node_id: str,
+        zone: str,
+        labels: Mapping[str, str],
+        upload_rate: int | None,
+        download_rate: int | None,
+    ) -> Callable[[int], list[str]]:
+        base = super()._daemon_command(node_id, zone, labels, upload_rate, download_rate)
 
         def command(port: int) -> list[str]:
             cmd = base(port)
