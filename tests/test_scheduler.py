@@ -255,6 +255,29 @@ def test_timeouts_are_returned_for_cancelling_and_retried() -> None:
     assert retry.peer_id != req.peer_id
 
 
+def test_a_moving_transfer_from_the_only_source_outlives_its_deadline() -> None:
+    """A seeder shared by many nodes sends slowly, not wrongly: while bytes keep coming
+    and no one else holds the chunk, the deadline does not cancel (and restart) it.
+    Once it goes silent, or another holder appears, the deadline applies again."""
+    sched = Scheduler([1 << 20], config=SchedulerConfig(timeout_base=1.0))
+    sched.add_peer("seeder", is_seeder=True, have=1)
+    (req,) = sched.next_requests(0.0)
+    t = req.deadline
+    sched.on_progress("seeder", 0, t - 0.1)
+    assert sched.expire(t) == []
+    sched.on_progress("seeder", 0, t + 5.0)
+    assert sched.expire(t + 5.5) == []
+    assert sched.next_wakeup(t + 5.5) == t + 5.0 + sched.config.stall_idle
+    assert sched.expire(t + 5.0 + sched.config.stall_idle) == [req]  # silent: cancelled
+
+    again = Scheduler([1 << 20], config=SchedulerConfig(timeout_base=1.0))
+    again.add_peer("seeder", is_seeder=True, have=1)
+    (req,) = again.next_requests(0.0)
+    again.add_peer("a", have=1)  # a second holder: a slow transfer is worth replacing
+    again.on_progress("seeder", 0, req.deadline - 0.1)
+    assert again.expire(req.deadline) == [req]
+
+
 def test_peer_leaving_returns_its_requests() -> None:
     sched = Scheduler(
         [10] * 3, config=SchedulerConfig(per_peer_inflight=3, max_inflight=3, first_chunks=0)

@@ -182,11 +182,32 @@ class Scheduler:
         peer.record_failure(reason, now, self.config.penalties, self.rng, retry_after)
 
     def expire(self, now: float) -> list[Request]:
-        """Requests past their deadline: counted as timeouts and returned for cancelling."""
-        late = [r for reqs in self.pending.values() for r in reqs.values() if r.deadline <= now]
+        """Requests past their deadline: counted as timeouts and returned for cancelling.
+
+        Except a transfer still moving (progress within `stall_idle`) from the only
+        usable holder of its chunk: cancelling it could only start the same bytes over
+        from the same peer. That is the seeder shared by many nodes, in a central pull
+        or before the swarm holds a chunk, where a slow transfer is not a broken one.
+        """
+        late = [
+            r
+            for reqs in self.pending.values()
+            for r in reqs.values()
+            if r.deadline <= now and not (self._moving(r, now) and self._sole_source(r, now))
+        ]
         for r in late:
             self.on_failed(r.peer_id, r.index, Failure.TIMEOUT, now)
         return late
+
+    def _moving(self, r: Request, now: float) -> bool:
+        seen = self.progress.get((r.peer_id, r.index))
+        return seen is not None and now - seen < self.config.stall_idle
+
+    def _sole_source(self, r: Request, now: float) -> bool:
+        bit = 1 << r.index
+        return not any(
+            p.have & bit and p.usable(now) for p in self.peers.values() if p.peer_id != r.peer_id
+        )
 
     # --- decisions --------------------------------------------------------------------
 
