@@ -278,6 +278,20 @@ def test_a_moving_transfer_from_the_only_source_outlives_its_deadline() -> None:
     assert again.expire(req.deadline) == [req]
 
 
+def test_an_empty_node_whose_one_request_stalls_tries_several_sources_at_once() -> None:
+    """One request at a time while empty (first_chunks), but not one silent peer at a
+    time: once it stalls, the node fills every slot, so the next silent peers cost one
+    stall allowance together, not one each."""
+    sched = Scheduler([1 << 20] * 4, config=SchedulerConfig(first_chunks=2, max_inflight=2))
+    for p in "abc":
+        sched.add_peer(p, have=0b1111)
+    (first,) = sched.next_requests(0.0)
+    stall = sched.next_wakeup(0.0)
+    assert stall is not None
+    more = sched.next_requests(stall)
+    assert len(more) == 2 and first.peer_id not in {r.peer_id for r in more}
+
+
 def test_peer_leaving_returns_its_requests() -> None:
     sched = Scheduler(
         [10] * 3, config=SchedulerConfig(per_peer_inflight=3, max_inflight=3, first_chunks=0)

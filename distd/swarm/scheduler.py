@@ -56,7 +56,9 @@ class SchedulerConfig:
     # every slot of a node until the deadline.
     stall_slack: float = 4.0
     stall_floor: float = 1.0
-    stall_unmeasured: float = 2.0
+    # Before a transfer's first byte (or any rate) is seen. The daemon reports every
+    # piece, and a live peer's first slice comes within a round trip and 0.1 s.
+    stall_unmeasured: float = 1.0
     # With progress reported (on_progress), a transfer is stalled after this long silent.
     stall_idle: float = 1.0
     timeout_base: float = 5.0
@@ -319,6 +321,10 @@ class Scheduler:
         cfg = self.config
         if self.held >= cfg.first_chunks or self.in_endgame():
             return cfg.max_inflight  # endgame: duplicates may go out as before
+        if self.stalled:
+            # One at a time lands the first chunk sooner only if that one moves; tried one
+            # by one, silent peers would cost a stall allowance each before any progress.
+            return cfg.max_inflight
         return 1
 
     def _slots(self, peer: PeerState) -> int:
