@@ -214,6 +214,11 @@ class Simulation:
         sched = node.sched
         if sched is None or node.finished is not None:
             return
+        # A flow moves bytes continuously: report progress as the daemon does per piece,
+        # so the scheduler's stall rules see a live transfer, not a silent one.
+        for (peer_id, index), f in node.downs.items():
+            if f.rate > 0:
+                sched.on_progress(peer_id, index, self.now)
         for r in sched.expire(self.now):
             self.cancel(node, r)
         for r in sched.next_requests(self.now):
