@@ -457,6 +457,17 @@ def default_workdir() -> Path | None:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
+def write_random_file(path: Path, size: int, rng: random.Random, block: int = 4 * MIB) -> None:
+    """`size` random bytes at `path` (parents made), written a block at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            k = min(block, left)
+            f.write(rng.randbytes(k))
+            left -= k
+
+
 def make_random_tree(
     root: Path, size: int, files: int = 4, seed: int | None = None, block: int = 4 * MIB
 ) -> ImageTree:
@@ -470,14 +481,7 @@ def make_random_tree(
     root.mkdir(parents=True, exist_ok=False)
     paths = [Path("disk.img")] + [Path("layers") / f"{i:02d}.bin" for i in range(1, files)]
     for rel, n in zip(paths, split_sizes(size, files), strict=True):
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            left = n
-            while left:
-                k = min(block, left)
-                f.write(rng.randbytes(k))
-                left -= k
+        write_random_file(root / rel, n, rng, block)
     (root / "etc").mkdir()
     motd = root / "etc" / "motd"
     motd.write_bytes(b"")  # an empty file: no chunks at all

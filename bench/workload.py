@@ -27,13 +27,13 @@ from typing import Any
 
 from bench.cluster import (
     DEFAULT_LABELS,
-    MIB,
     Bound,
     ImageTree,
     NodeSpec,
     fleet_bound,
     make_random_tree,
     split_sizes,
+    write_random_file,
 )
 
 ZONES = ("a", "b")
@@ -245,16 +245,6 @@ def build(
     )
 
 
-def _write_random(path: Path, size: int, rng: random.Random, block: int = 4 * MIB) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        left = size
-        while left:
-            k = min(block, left)
-            f.write(rng.randbytes(k))
-            left -= k
-
-
 def write_trees(wl: Workload, root: Path, files: int = 4, seed: int | None = None) -> None:
     """Write every image's tree below `root` and fill `wl.trees`.
 
@@ -270,11 +260,11 @@ def write_trees(wl: Workload, root: Path, files: int = 4, seed: int | None = Non
         )
         return
     shared = root / "base.img"
-    _write_random(shared, wl.base, rng)
+    write_random_file(shared, wl.base, rng)
     for name, own in wl.layers.items():
         tree = root / f"img{image_index(name)}"
         (tree / BASE_FILE).parent.mkdir(parents=True)
         os.link(shared, tree / BASE_FILE)
         for j, n in enumerate(split_sizes(own, max(1, files - 1)), start=1):
-            _write_random(tree / "layers" / f"{j:02d}.bin", n, rng)
+            write_random_file(tree / "layers" / f"{j:02d}.bin", n, rng)
         wl.trees[name] = ImageTree.scan(tree)
