@@ -108,6 +108,13 @@ class Catalog:
                 for cb in self.on_have:
                     cb(image, i)
 
+    def lost(self, digest: str) -> None:
+        """A stored chunk turned out bad and was deleted: the images using it lack it again."""
+        for image, i in self.users.get(digest, ()):
+            if bitfield.has(image.have, i):
+                image.have &= ~(1 << i)
+                image.bytes_done -= image.manifest.chunks[i].stored_size
+
     def remove(self, digest: str) -> list[str]:
         """Forget an image and delete its tree; returns chunk digests no other image uses."""
         image = self.images.pop(digest, None)

@@ -359,7 +359,10 @@ class Daemon:
                 finally:
                     self.feeders.pop(image.digest, None)
                     await feeder.close()
-            except (OSError, materialize.MaterializeError, ValueError) as e:
+                    for d in feeder.bad:  # rotted on disk since stored: fetch them again
+                        await self.store.delete(d)
+                        self.catalog.lost(d)
+            except (OSError, materialize.MaterializeError, ValueError) as e:  # ChunkError too
                 image.state = State.FAILED
                 image.error = str(e)
                 log.error("image %s failed: %s; retrying in %.0fs", image.digest[:16], e, backoff)

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from manifests.chunking import ChunkBytes
+from manifests.chunking import ChunkBytes, sha256_hex
 from manifests.model import Chunk, Entry, Kind, Manifest
 
 ReadChunk = Callable[[str, int], ChunkBytes]
@@ -579,17 +579,6 @@ def _materialize_in(
 
 _STAGE_WRITE = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _STAGE_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_HASH_BLOCK = 1 << 20
-
-
-class _Progress:
-    """How far one staged file has been hashed, reading it back chunk by chunk."""
-
-    def __init__(self) -> None:
-        self.chunks: list[tuple[str, int, int]] = []  # digest, offset, size
-        self.done = 0  # chunks hashed
-        self.hasher = hashlib.sha256()
-        self.lock = threading.Lock()
 
 
 def _no_reader(digest: str, size: int) -> bytes:
@@ -605,16 +594,20 @@ def _pwrite_all(fd: int, data: ChunkBytes, offset: int) -> None:
 
 
 class StagedImage:
-    """An image built while its chunks arrive, in any order, then verified and put in place.
+    """An image built while its chunks arrive, in any order, then put in place.
 
     The constructor (blocking) makes the locked temp dir beside `dest` with every
     directory and symlink, and every regular file at its final size, owner-only.
-    `write_chunk` (thread-safe) writes a chunk's raw bytes at every place the image
-    uses it; no fd stays open between calls. `finish` checks every chunk was written,
-    reads every file back against its SHA-256 in the manifest (so what is renamed
-    into place is complete and verified, whatever was written), sets modes, syncs
-    once and renames into place as `materialize` does. `close` (or a failed
-    `finish`) removes the temp dir; a crash leaves it to `sweep_temp_dirs`.
+    `write_chunk` (thread-safe) checks a chunk against its digest and writes its raw
+    bytes at every place the image uses it; no fd stays open between calls. `finish`
+    checks every chunk was written, sets modes, syncs once and renames into place as
+    `materialize` does. `close` (or a failed `finish`) removes the temp dir; a crash
+    leaves it to `sweep_temp_dirs`.
+
+    Every byte of every file belongs to exactly one chunk the manifest lists for it,
+    so checking each chunk once verifies the whole tree: the files are not read back
+    and hashed again, which in a fan-out was a second SHA-256 and a second copy of
+    every byte on every node.
     """
 
     def __init__(self, manifest: Manifest, dest: Path, *, replace: bool = False) -> None:
@@ -632,7 +625,6 @@ class StagedImage:
         self._closed = False
         self._written: set[str] = set()
         self._claimed: set[str] = set()  # being written now
-        self._progress: dict[str, _Progress] = {}
         table = manifest.chunk_map()
         self._where: dict[str, list[tuple[str, int]]] = {}  # digest -> (file, offset)
         self._sizes: dict[str, int] = {}
@@ -640,13 +632,11 @@ class StagedImage:
             if e.kind is not Kind.FILE:
                 continue
             offset = 0
-            progress = self._progress[e.path] = _Progress()
             for d in e.chunks:
                 c = table.get(d)
                 if c is None:
                     raise MaterializeError(f"entry {e.path!r}: chunk {d[:16]} is not in the table")
                 self._where.setdefault(d, []).append((e.path, offset))
-                progress.chunks.append((d, offset, c.size))
                 self._sizes[d] = c.size
                 offset += c.size
             if offset != e.size:
@@ -707,12 +697,13 @@ class StagedImage:
         with self._lock:
             return digest in self._where and digest not in self._written
 
-    def write_chunk(self, digest: str, raw: ChunkBytes) -> None:
+    def write_chunk(self, digest: str, raw: ChunkBytes, *, verified: bool = False) -> None:
         """Write a chunk's raw bytes everywhere the image uses it (blocking, thread-safe).
 
-        A chunk already written (or being written) is left alone, so bytes once
-        hashed never change. Each file's hash is then carried forward over the
-        written prefix, read back from the file, so `finish` has little left to hash.
+        `verified` says the caller has checked `raw` against `digest` (the chunk store
+        does on every put); otherwise it is hashed here, and a mismatch is a
+        ContentError that names a file using the chunk. A chunk already written (or
+        being written) is left alone.
         """
         places = self._where.get(digest)
         if places is None:
@@ -720,6 +711,11 @@ class StagedImage:
         if len(raw) != self._sizes[digest]:
             raise ContentError(
                 f"chunk {digest[:16]} is {len(raw)} bytes, not {self._sizes[digest]}", places[0][0]
+            )
+        if not verified and sha256_hex(raw) != digest:
+            path = places[0][0]
+            raise ContentError(
+                f"entry {path!r}: chunk {digest[:16]} does not match its digest", path
             )
         with self._lock:
             if digest in self._written or digest in self._claimed:
@@ -739,45 +735,12 @@ class StagedImage:
         finally:
             with self._lock:
                 self._claimed.discard(digest)
-        for path in dict.fromkeys(p for p, _ in places):
-            self._advance(path, final=False)
 
-    def _advance(self, path: str, final: bool) -> str:
-        """Hash `path` forward over its written chunks (all of it when `final`)."""
-        progress = self._progress[path]
-        with progress.lock:
-            chunks = progress.chunks
-            if progress.done == len(chunks) and not final:
-                return ""
-            fd = self._open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                while progress.done < len(chunks):
-                    d, offset, size = chunks[progress.done]
-                    with self._lock:
-                        if d not in self._written:
-                            break
-                    while size > 0:
-                        self._builder.check()
-                        data = os.pread(fd, min(size, _HASH_BLOCK), offset)
-                        if not data:
-                            raise MaterializeError(f"entry {path!r}: file ends at {offset} bytes")
-                        progress.hasher.update(data)
-                        offset += len(data)
-                        size -= len(data)
-                    progress.done += 1
-                return progress.hasher.hexdigest() if final else ""
-            except OSError as err:
-                raise MaterializeError(_describe_entry(err, path)) from None
-            finally:
-                os.close(fd)
-
-    def _verify(self, e: Entry) -> None:
+    def _seal_file(self, e: Entry) -> None:
         fd = self._open(e.path, _STAGE_READ)
         try:
             if os.fstat(fd).st_size != e.size:
                 raise MaterializeError(f"entry {e.path!r}: file is not {e.size} bytes")
-            actual = self._advance(e.path, final=True)
-            _check_content(e, actual)
             os.fchmod(fd, e.mode & 0o7777)
         finally:
             os.close(fd)
@@ -796,7 +759,7 @@ class StagedImage:
                         f"{len(missing)} chunks never written (chunk {missing[0][:16]} first)"
                     )
                 files = [e for e in self._entries if e.kind is Kind.FILE]
-                self._builder.each_file(self._verify, files, workers)
+                self._builder.each_file(self._seal_file, files, workers)
                 self._builder.seal(self._entries)
                 self._builder.check()
                 try:

@@ -1,9 +1,12 @@
 """Materializing an image while it downloads: a `StagedImage` fed from the store.
 
 Each chunk is written into the staged tree by a thread job as soon as it is
-stored, so when the last chunk lands only the read-back check, the modes, one
-sync and the rename remain, instead of decoding and writing the whole image
-while every other node of a fan-out does the same.
+stored, so when the last chunk lands only the modes, one sync and the rename
+remain, instead of decoding and writing the whole image while every other node
+of a fan-out does the same.
+
+A chunk just stored comes from the store's memory, verified on its way in; one
+read back from its file is verified again, so the stage never hashes it twice.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import logging
 from pathlib import Path
 
 from distd.materialize import StagedImage
-from distd.pull import store_reader
 from distd.store import ChunkStore
+from manifests.chunking import ChunkBytes, ChunkError, decode_chunk
 from manifests.model import Manifest
 
 log = logging.getLogger(__name__)
@@ -27,8 +30,8 @@ class StageFeeder:
     def __init__(self, stage: StagedImage, store: ChunkStore) -> None:
         self.stage = stage
         self.store = store
-        self.read = store_reader(store)
         self.queued: set[str] = set()
+        self.bad: set[str] = set()  # stored chunks whose file no longer matches its digest
         self.pending: set[asyncio.Future[None]] = set()
 
     @classmethod
@@ -52,7 +55,20 @@ class StageFeeder:
     def _write(self, digest: str) -> None:
         if self.stage.cancel.is_set() or not self.stage.needs(digest):
             return
-        self.stage.write_chunk(digest, self.read(digest, self.stage.chunk_size(digest)))
+        self.stage.write_chunk(digest, self._read(digest), verified=True)
+
+    def _read(self, digest: str) -> ChunkBytes:
+        """Raw bytes of a stored chunk, verified: from memory as stored, else re-hashed."""
+        size = self.stage.chunk_size(digest)
+        info = self.store.info(digest)
+        payload = self.store.recent.get(digest)
+        if info is None or payload is None:
+            try:
+                return self.store.read_verified(digest, size)
+            except ChunkError:
+                self.bad.add(digest)  # the owner deletes it, so the next try fetches it anew
+                raise
+        return decode_chunk(payload, info.encoding, size)
 
     def _done(self, fut: asyncio.Future[None]) -> None:
         self.pending.discard(fut)
@@ -63,7 +79,7 @@ class StageFeeder:
     def _catch_up_and_finish(self) -> None:
         for d in self.stage.digests():
             if self.stage.needs(d):
-                self.stage.write_chunk(d, self.read(d, self.stage.chunk_size(d)))
+                self.stage.write_chunk(d, self._read(d), verified=True)
         self.stage.finish()
 
     async def finish(self) -> None:

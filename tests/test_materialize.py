@@ -547,24 +547,31 @@ def test_staged_random_order_is_byte_identical(
     assert _leftovers(dest.parent) == []
 
 
-def test_staged_corrupt_chunk_fails_finish(
+def test_staged_corrupt_chunk_is_refused(
     tmp_path: Path, rich: tuple[Path, Manifest, dict[str, bytes]]
 ) -> None:
-    _src, manifest, raw = rich
+    src, manifest, raw = rich
     dest = tmp_path / "out" / "image"
     stage = mat.StagedImage(manifest, dest)
     victim = next(e for e in manifest.entries if e.path == "three-chunks").chunks[1]
-    for d in stage.digests():
-        data = raw[d]
-        stage.write_chunk(d, bytes([data[0] ^ 1]) + data[1:] if d == victim else data)
-    with pytest.raises(mat.ContentError, match="three") as info:
-        stage.finish()
+    bad = bytes([raw[victim][0] ^ 1]) + raw[victim][1:]
+    with pytest.raises(mat.ContentError, match="does not match") as info:
+        stage.write_chunk(victim, bad)
     assert info.value.path in ("three-chunks", "copy-of-three")  # they share the chunk
-    assert not os.path.lexists(dest)
-    assert _leftovers(dest.parent) == []
-    stage.write_chunk(victim, raw[victim])  # once written, a chunk is never rewritten
-    with pytest.raises(MaterializeError, match="cancelled"):
-        stage.finish()  # closed
+    assert stage.needs(victim)  # nothing of it was written
+    for d in stage.digests():
+        if d != victim:
+            stage.write_chunk(d, raw[d])
+    with pytest.raises(MaterializeError, match="never written"):
+        stage.finish()
+    assert not os.path.lexists(dest) and _leftovers(dest.parent) == []
+
+    stage = mat.StagedImage(manifest, dest)
+    stage.write_chunk(victim, bad, verified=True)  # a caller's word is taken: its check
+    for d in stage.digests():
+        stage.write_chunk(d, raw[d])
+    stage.finish()
+    assert snapshot(dest) != snapshot(src)  # ...so the word must be true (see staging.py)
 
 
 def test_staged_missing_chunk_and_cancel_clean_up(
