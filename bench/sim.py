@@ -3,9 +3,11 @@
 Every node runs the real `distd.swarm.scheduler.Scheduler`; the seeder runs the real
 `SuperSeeder`; membership comes from the real `seeder.tracker.Tracker`, and each node
 follows at most `distd.engine.MAX_NEIGHBOURS` neighbours, as the daemon does. Only the
-network is modelled, at flow level: a transfer's rate is the smaller of its
-uploader's cap shared by that uploader's transfers and its downloader's cap shared
-likewise, recomputed whenever a transfer starts or ends at either end (only the
+network is modelled, at flow level: an uploader sends each of its transfers at an
+equal share of its cap, and a downloader reads each of its own at an equal share of
+its cap but no faster than the bytes are sent; what is sent and not yet read waits in
+socket buffers, so an upload (and its slot) ends at the uploader's pace, as over TCP.
+Rates are recomputed whenever a transfer starts or ends at either end (only the
 flows of those two nodes). A chunk becomes servable once wholly received; every
 message costs one `latency`. CPU is not modelled: a real run that is CPU-bound
 is slower than the sim for that reason alone.
@@ -47,11 +49,18 @@ _DEFAULTS = SchedulerConfig()  # the daemon's own defaults are the sim's
 
 @dataclass(eq=False)
 class Flow:
+    """One chunk on its way: `unsent` bytes still at the uploader, `left` not yet read by
+    the downloader. The uploader's side ends first when the downloader reads slower: the
+    rest waits in socket buffers (on loopback up to 4 MiB sent, more received), so an
+    upload slot frees at the uploader's own pace, as it does in the daemon."""
+
     src: SimNode
     dst: SimNode
     index: int
     left: float
-    rate: float = 0.0
+    unsent: float = 0.0
+    rate: float = 0.0  # read by the downloader, bytes/s
+    send_rate: float = 0.0
     updated: float = 0.0
     version: int = 0
     done: bool = False
@@ -66,7 +75,7 @@ class SimNode:
     slots: int
     zone: str = ""
     sched: Scheduler | None = None
-    ups: set[Flow] = field(default_factory=set)
+    ups: set[Flow] = field(default_factory=set)  # flows still sending
     downs: dict[tuple[str, int], Flow] = field(default_factory=dict)
     # dicts, not sets: str hashes vary per process, and iteration order must not
     followers: dict[str, None] = field(default_factory=dict)
@@ -86,7 +95,7 @@ class SimConfig:
     rate: float = 10 << 20
     seeder_rate: float | None = None
     latency: float = 0.0005
-    upload_slots: int = 2
+    upload_slots: int = 1
     seeder_slots: int = 2
     max_inflight: int = _DEFAULTS.max_inflight
     per_peer_inflight: int = 1
@@ -244,7 +253,8 @@ class Simulation:
             if len(src.ups) >= src.slots:
                 self.busy += 1
                 hint = min(
-                    max(0.0, f.left - f.rate * (self.now - f.updated)) / f.rate for f in src.ups
+                    max(0.0, f.unsent - f.send_rate * (self.now - f.updated)) / f.send_rate
+                    for f in src.ups
                 )
                 self.at(self.now + lat, lambda: self.fail(node, r, Failure.BUSY, hint))
                 return
@@ -255,9 +265,8 @@ class Simulation:
                     self.at(self.now + lat, lambda: self.fail(node, r, Failure.DEFERRED))
                     return
             self.seq += 1
-            flow = Flow(
-                src, node, r.index, float(self.sizes[r.index]), updated=self.now, seq=self.seq
-            )
+            size = float(self.sizes[r.index])
+            flow = Flow(src, node, r.index, size, size, updated=self.now, seq=self.seq)
             src.ups.add(flow)
             node.downs[(r.peer_id, r.index)] = flow
             self.reshare(src, node)
@@ -288,7 +297,11 @@ class Simulation:
     # --- bandwidth -----------------------------------------------------------------------
 
     def reshare(self, *ends: SimNode) -> None:
-        """Recompute the rates of every flow touching these nodes."""
+        """Recompute the rates of every flow touching these nodes.
+
+        A sending flow gets its uploader's equal share; the downloader reads each flow at
+        its own equal share, but no faster than the bytes are sent until they all are.
+        """
         flows: set[Flow] = set()
         for n in ends:
             flows.update(n.ups)
@@ -296,13 +309,31 @@ class Simulation:
         for f in sorted(flows, key=lambda f: f.seq):
             if f.done:
                 continue
-            f.left -= f.rate * (self.now - f.updated)
+            dt = self.now - f.updated
+            f.unsent = max(0.0, f.unsent - f.send_rate * dt)
+            f.left -= f.rate * dt
             f.updated = self.now
-            f.rate = min(f.src.up / len(f.src.ups), f.dst.down / len(f.dst.downs))
+            read = f.dst.down / len(f.dst.downs)
+            if f in f.src.ups:
+                f.send_rate = f.src.up / len(f.src.ups)
+                f.rate = min(read, f.send_rate)
+            else:
+                f.send_rate, f.rate = 0.0, read
             f.version += 1
-            eta = self.now + max(0.0, f.left) / f.rate
             version = f.version
-            self.at(eta, self._completer(f, version))
+            if f.send_rate > 0:
+                self.at(self.now + f.unsent / f.send_rate, self._sender(f, version))
+            self.at(self.now + max(0.0, f.left) / f.rate, self._completer(f, version))
+
+    def _sender(self, f: Flow, version: int) -> Callable[[], None]:
+        return lambda: self.sent(f, version)
+
+    def sent(self, f: Flow, version: int) -> None:
+        """The flow's last byte left the uploader: its slot is free for the next asker."""
+        if f.done or f.version != version or f not in f.src.ups:
+            return
+        f.src.ups.discard(f)
+        self.reshare(f.src, f.dst)
 
     def _completer(self, f: Flow, version: int) -> Callable[[], None]:
         return lambda: self.complete(f, version)
@@ -495,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=parse_rate, default=10 << 20, help="every node's up/down cap")
     p.add_argument("--seeder-rate", type=parse_rate, default=None, help="default: --rate")
     p.add_argument("--latency", type=float, default=0.0005, help="seconds per message")
-    p.add_argument("--upload-slots", type=int, default=2)
+    p.add_argument("--upload-slots", type=int, default=SimConfig.upload_slots)
     p.add_argument("--seeder-slots", type=int, default=2)
     p.add_argument("--max-inflight", type=int, default=_DEFAULTS.max_inflight)
     p.add_argument("--first-chunks", type=int, default=_DEFAULTS.first_chunks)
