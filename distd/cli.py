@@ -361,7 +361,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     opt(
         "upload-slots",
         "chunk uploads served at once before answering busy",
-        "2",
+        str(DaemonConfig.upload_slots),
         type=_positive_int,
         metavar="N",
     )
@@ -382,14 +382,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     opt(
         "max-inflight",
         "chunk requests in flight for one image, over all peers",
-        "2",
+        str(SchedulerConfig().max_inflight),
         type=_positive_int,
         metavar="N",
     )
     opt(
         "per-peer-inflight",
         "chunk requests in flight to one peer",
-        "1",
+        str(SchedulerConfig().per_peer_inflight),
         type=_positive_int,
         metavar="N",
     )

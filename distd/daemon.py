@@ -52,7 +52,7 @@ class DaemonConfig:
     zone: str = ""
     max_upload_rate: int | None = None
     max_download_rate: int | None = None
-    upload_slots: int = 2
+    upload_slots: int = 1
     cache_max_bytes: int = 0
     gc_grace: float = 60.0
     p2p: bool = True

@@ -69,8 +69,11 @@ def drive(
             bound = cfg.per_seeder_inflight if p.is_seeder else cfg.per_peer_inflight
             assert len(p.inflight) <= bound
         # Stalled requests stay out but stop counting against the bound when new ones go out.
+        # In endgame a hedge of a late request may take one more.
         if issued:
-            assert sched.inflight - sched.stalled <= cfg.max_inflight
+            hedging = max(cfg.max_inflight, cfg.endgame_duplicates)
+            bound = hedging if sched.in_endgame() else cfg.max_inflight
+            assert sched.inflight - sched.stalled <= bound
         assert sched.inflight == sum(len(r) for r in sched.pending.values())
         wake = sched.next_wakeup(now)
         nxt = min(events[0][0] if events else float("inf"), wake if wake is not None else 1e18)

@@ -32,18 +32,21 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    # Few transfers at a time, each near the full rate, beat many slow ones: a chunk can
-    # be passed on only once whole, so fast chunks spread sooner (bench/sim.py shows
-    # 1.2x T_min at N=16 with these against 1.5-1.8x with 16 in flight).
+    # Two requests in flight, one per peer, against one upload slot per peer (distd
+    # --upload-slots): a peer sends one chunk at a time at its full rate, so a chunk is
+    # whole and passed on as soon as it can be, and the next request is already out
+    # when one lands. An upload ends when its last byte is in the socket buffers, so a
+    # receiver reading two chunks at half speed does not hold its senders to that.
+    # bench.fanout N=16, 256 MiB, 4 MiB chunks: p50 1.12x T_min against 1.16 with two
+    # upload slots; bench/sim.py N=100: 1.20 against 1.24; 16 in flight: 1.5-1.8.
     per_peer_inflight: int = 1
     per_seeder_inflight: int = 1
     max_inflight: int = 2
-    # Until a node holds this many chunks it asks for one at a time: its first chunk
-    # lands twice as soon, and a node with a chunk can upload while one without cannot.
-    # In a repave of thousands that start empty, uploaders then triple per chunk time
-    # instead of doubling (bench/sim.py: 1.27 against 1.34x T_min at N=100). Not in
-    # endgame, which may duplicate the last requests as before.
+    # With max_inflight above 1: until a node holds this many chunks it asks for one at
+    # a time, so its first chunk lands as soon as it can and it can start uploading.
     first_chunks: int = 2
+    # In endgame, up to this many requests for one chunk, and as many in flight in all:
+    # a hedge for a late last chunk needs a slot of its own.
     endgame_duplicates: int = 2
     # In endgame, a request is duplicated only once it has run this many times longer
     # than its peer's measured rate predicts (or endgame_wait when unmeasured): hedging
@@ -317,10 +320,12 @@ class Scheduler:
         return self._limit() - self.inflight + self.stalled
 
     def _limit(self) -> int:
-        """Requests allowed in flight now (see SchedulerConfig.first_chunks)."""
+        """Requests allowed in flight now (see SchedulerConfig.max_inflight, first_chunks)."""
         cfg = self.config
-        if self.held >= cfg.first_chunks or self.in_endgame():
-            return cfg.max_inflight  # endgame: duplicates may go out as before
+        if self.in_endgame():
+            return max(cfg.max_inflight, cfg.endgame_duplicates)  # room for a hedge
+        if self.held >= cfg.first_chunks:
+            return cfg.max_inflight
         if self.stalled:
             # One at a time lands the first chunk sooner only if that one moves; tried one
             # by one, silent peers would cost a stall allowance each before any progress.
