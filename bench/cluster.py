@@ -514,11 +514,14 @@ def arg_type(fn: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
+DEFAULT_RATE = 10 * MIB  # every cap in the benches and the demo unless --rate says
+
+
 def add_fleet_arguments(
     p: argparse.ArgumentParser,
     nodes: int = 8,
     size: int = 256 * MIB,
-    rate: int = 10 * MIB,
+    rate: int = DEFAULT_RATE,
     chunk_size: int = 4 * MIB,
 ) -> None:
     """--nodes, --size, --rate, --chunk-size and --keep: one spelling for every fleet script."""

@@ -39,6 +39,7 @@ from typing import Any, TextIO
 
 from bench.cdf import write_cdf
 from bench.cluster import (
+    DEFAULT_RATE,
     GIB,
     Cluster,
     ClusterError,
@@ -690,7 +691,12 @@ def workload_stem(wl: Workload, args: argparse.Namespace) -> str:
         stem += f"-slow{round(100 * args.slow_fraction)}"
     if args.late_fraction:
         stem += f"-late{round(100 * args.late_fraction)}"
-    return stem
+    return stem + rate_suffix(args)
+
+
+def rate_suffix(args: argparse.Namespace) -> str:
+    """`-20MiBps` unless --rate is the default: runs at two rates do not overwrite."""
+    return "" if args.rate == DEFAULT_RATE else f"-{size_label(args.rate)}ps"
 
 
 def _modes(text: str) -> list[str]:
@@ -931,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(results, args, tree)
     print(md, end="")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"fanout-N{args.nodes}-{size_label(args.size)}"
+    stem = f"fanout-N{args.nodes}-{size_label(args.size)}{rate_suffix(args)}"
     (args.out / f"{stem}.md").write_text(md)
     (args.out / f"{stem}.json").write_text(result_json(results, args, tree))
     log(f"wrote {args.out / stem}.md and .json")
