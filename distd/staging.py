@@ -18,7 +18,7 @@ from pathlib import Path
 
 from distd.materialize import StagedImage
 from distd.store import ChunkStore
-from manifests.chunking import ChunkBytes, ChunkError, decode_chunk
+from manifests.chunking import ChunkBytes, ChunkError
 from manifests.model import Manifest
 
 log = logging.getLogger(__name__)
@@ -58,17 +58,12 @@ class StageFeeder:
         self.stage.write_chunk(digest, self._read(digest), verified=True)
 
     def _read(self, digest: str) -> ChunkBytes:
-        """Raw bytes of a stored chunk, verified: from memory as stored, else re-hashed."""
-        size = self.stage.chunk_size(digest)
-        info = self.store.info(digest)
-        payload = self.store.recent.get(digest)
-        if info is None or payload is None:
-            try:
-                return self.store.read_verified(digest, size)
-            except ChunkError:
-                self.bad.add(digest)  # the owner deletes it, so the next try fetches it anew
-                raise
-        return decode_chunk(payload, info.encoding, size)
+        """Raw bytes of a stored chunk, verified (see ChunkStore.read_raw)."""
+        try:
+            return self.store.read_raw(digest, self.stage.chunk_size(digest))
+        except ChunkError:
+            self.bad.add(digest)  # the owner deletes it, so the next try fetches it anew
+            raise
 
     def _done(self, fut: asyncio.Future[None]) -> None:
         self.pending.discard(fut)

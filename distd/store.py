@@ -24,7 +24,7 @@ from pathlib import Path
 
 import zstandard
 
-from manifests.chunking import ChunkBytes, verify_chunk
+from manifests.chunking import ChunkBytes, decode_chunk, verify_chunk
 from manifests.model import Encoding
 
 _SUFFIX = {Encoding.ZSTD: ".zst", Encoding.RAW: ".raw"}
@@ -199,6 +199,16 @@ class ChunkStore:
         if payload is None:
             payload = await asyncio.to_thread(self.read, info)
         return info, payload
+
+    def read_raw(self, digest: str, size: int) -> ChunkBytes:
+        """Raw bytes, verified (blocking): as checked on put while still in memory, else
+        re-checked against the file. KeyError if not held; ChunkError if the file no
+        longer matches its digest."""
+        info = self._index[digest]
+        payload = self.recent.get(digest)
+        if payload is None:
+            return self.read_verified(digest, size)
+        return decode_chunk(payload, info.encoding, size)
 
     def read_verified(self, digest: str, size: int) -> ChunkBytes:
         """Raw bytes, re-verified against the file (blocking: call from a thread)."""
