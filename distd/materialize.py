@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from distd.directio import pwrite_all
 from manifests.chunking import ChunkBytes, sha256_hex
 from manifests.model import Chunk, Entry, Kind, Manifest
 
@@ -134,12 +135,6 @@ def _create_file(root_fd: int, e: Entry) -> int:
         raise MaterializeError(f"entry {e.path!r} appears twice") from None
     finally:
         os.close(pfd)
-
-
-def _write_all(fd: int, data: ChunkBytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(fd: int) -> None:
@@ -341,7 +336,7 @@ class _Builder:
                         e.path,
                     )
                 hasher.update(data)
-                _write_all(fd, data)
+                pwrite_all(fd, data, written)
                 written += len(data)
                 if self.on_bytes is not None:
                     self.on_bytes(len(data))
@@ -585,14 +580,6 @@ def _no_reader(digest: str, size: int) -> bytes:
     raise AssertionError("a staged image is written with write_chunk")
 
 
-def _pwrite_all(fd: int, data: ChunkBytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 class StagedImage:
     """An image built while its chunks arrive, in any order, then put in place.
 
@@ -725,7 +712,7 @@ class StagedImage:
             for path, offset in places:
                 fd = self._open(path, _STAGE_WRITE)
                 try:
-                    _pwrite_all(fd, raw, offset)
+                    pwrite_all(fd, raw, offset)
                 except OSError as err:
                     raise MaterializeError(_describe_entry(err, path)) from None
                 finally:

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import zstandard
 
+from distd.directio import pwrite_all
 from manifests.chunking import ChunkBytes, decode_chunk, verify_chunk
 from manifests.model import Encoding
 
 _SUFFIX = {Encoding.ZSTD: ".zst", Encoding.RAW: ".raw"}
 _BY_SUFFIX = {v: k for k, v in _SUFFIX.items()}
 _TMP_MARK = ".tmp-"
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 # Bytes of recently stored chunks kept in memory: a few seconds of a 10 MiB/s pull.
 RECENT_BYTES = 32 << 20
 
@@ -94,6 +96,7 @@ class ChunkStore:
         self.root = Path(data_dir) / "chunks"
         self.root.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, StoredChunk] = {}
+        self._subdirs: set[str] = set()  # fan-out dirs known to exist: no mkdir per put
         self._bytes = 0
         self.listeners: list[Callable[[StoredChunk], None]] = []
         self.recent = RecentChunks(RECENT_BYTES)
@@ -149,14 +152,18 @@ class ChunkStore:
     ) -> StoredChunk:
         verify_chunk(digest, payload, encoding, size)
         final = self.path(digest, encoding)
-        final.parent.mkdir(exist_ok=True)
+        if digest[:2] not in self._subdirs:
+            final.parent.mkdir(exist_ok=True)
+            self._subdirs.add(digest[:2])
         tmp = final.with_name(f"{digest}{_TMP_MARK}{secrets.token_hex(4)}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view) :]
+                fd = os.open(tmp, _CREATE, 0o644)
+            except FileNotFoundError:  # the fan-out dir went away under us
+                final.parent.mkdir(exist_ok=True)
+                fd = os.open(tmp, _CREATE, 0o644)
+            try:
+                pwrite_all(fd, payload, 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
