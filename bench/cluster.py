@@ -37,6 +37,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -450,11 +451,19 @@ def split_sizes(total: int, files: int) -> list[int]:
     return sizes
 
 
-def default_workdir() -> Path | None:
-    """tmpfs when the machine has one: N simulated nodes on one VM would otherwise share
-    one disk, which no real fleet does, and the bench would measure that disk."""
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+def filesystem(path: Path | None) -> str:
+    """The type of the filesystem holding `path` (default: the system temp dir), from
+    /proc/mounts: where node data lived says what its writes cost (see --workdir)."""
+    target = os.path.realpath(path or tempfile.gettempdir())
+    best, kind = "", "unknown"
+    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            mnt = fields[1]
+            inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
+                best, kind = mnt, fields[2]
+    return kind
 
 
 def write_random_file(path: Path, size: int, rng: random.Random, block: int = 4 * MIB) -> None:

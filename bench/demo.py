@@ -21,7 +21,6 @@ from bench.cluster import (
     Cluster,
     ClusterError,
     add_fleet_arguments,
-    default_workdir,
     install_signal_handlers,
     make_random_tree,
     quantile,
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: --nodes must be at least 1", file=sys.stderr)
         return 2
     install_signal_handlers()
-    work = Path(tempfile.mkdtemp(prefix="p2pdist-demo-", dir=default_workdir()))
+    work = Path(tempfile.mkdtemp(prefix="p2pdist-demo-"))
     keep = args.keep
     try:
         run(args, work)

@@ -48,7 +48,7 @@ from bench.cluster import (
     Samples,
     add_fleet_arguments,
     arg_type,
-    default_workdir,
+    filesystem,
     install_signal_handlers,
     make_random_tree,
     quantile,
@@ -298,7 +298,8 @@ def markdown(results: list[ModeResult], args: argparse.Namespace, tree: ImageTre
     lines = [
         f"## Fan-out: N={n}, S={format_size(size)}, B={rate_text(rate)}",
         "",
-        f"One seeder and {n} daemons on 127.0.0.1, {os.cpu_count()} cores; every daemon's "
+        f"One seeder and {n} daemons on 127.0.0.1, {os.cpu_count()} cores, node data on "
+        f"{filesystem(args.workdir)}; every daemon's "
         f"upload and download and the seeder's upload capped at {rate_text(rate)}; "
         f"{tree.files} files, {format_size(args.chunk_size)} chunks, random bytes. "
         f"T_min = max(S/B_down, S/B_seed, N*S/(B_seed + N*B_up)) = {tmin:.2f} s; "
@@ -370,6 +371,7 @@ def result_json(results: list[ModeResult], args: argparse.Namespace, tree: Image
             "chunk_size": args.chunk_size,
             "files": tree.files,
             "cpus": os.cpu_count(),
+            "data_fs": filesystem(args.workdir),
             "python": platform.python_version(),
             "machine": platform.machine(),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -557,7 +559,8 @@ def workload_markdown(results: list[WorkloadResult], wl: Workload, args: argpars
     if wl.kind == "repave":
         counts = [len(wl.holders(name)) for name in wl.images]
         lines.append(
-            f"One seeder and {n} daemons on 127.0.0.1 ({os.cpu_count()} cores), zones a and b "
+            f"One seeder and {n} daemons on 127.0.0.1 ({os.cpu_count()} cores, node data on "
+            f"{filesystem(args.workdir)}), zones a and b "
             f"alternating. {len(wl.images)} images, each a {format_size(wl.base)} base shared by "
             f"all (same bytes, so the same chunks) plus "
             f"{format_size(next(iter(wl.layers.values())))} of its own; image i goes to "
@@ -569,7 +572,8 @@ def workload_markdown(results: list[WorkloadResult], wl: Workload, args: argpars
         )
     else:
         lines.append(
-            f"One seeder and {n} daemons on 127.0.0.1 ({os.cpu_count()} cores), one image of "
+            f"One seeder and {n} daemons on 127.0.0.1 ({os.cpu_count()} cores, node data on "
+            f"{filesystem(args.workdir)}), one image of "
             f"{format_size(wl.unique_bytes)} for every node, random bytes."
         )
     lines.append("")
@@ -665,6 +669,7 @@ def workload_json(results: list[WorkloadResult], wl: Workload, args: argparse.Na
             "rate": wl.rate,
             "chunk_size": args.chunk_size,
             "cpus": os.cpu_count(),
+            "data_fs": filesystem(args.workdir),
             "python": platform.python_version(),
             "machine": platform.machine(),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -794,9 +799,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workdir",
         type=Path,
-        default=default_workdir(),
-        help="where to make the temp dir (default: /dev/shm when present, since N nodes on "
-        "one VM would otherwise share one disk)",
+        default=None,
+        help="where to make the temp dir (default: the system's, $TMPDIR). Put it on a disk, "
+        "as a node's data dir would be: the daemons write chunks with direct I/O, which a "
+        "shared disk here takes in its stride, while tmpfs charges them for fresh RAM pages",
     )
     return p
 

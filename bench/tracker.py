@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.cluster import Cluster, ClusterError, default_workdir, install_signal_handlers, quantile
+from bench.cluster import Cluster, ClusterError, install_signal_handlers, quantile
 from manifests import wire
 
 TARGET = 2000.0
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.tracker: every count must be at least 1", file=sys.stderr)
         return 2
     install_signal_handlers()
-    work = Path(tempfile.mkdtemp(prefix="p2pdist-tracker-", dir=default_workdir()))
+    work = Path(tempfile.mkdtemp(prefix="p2pdist-tracker-"))
     try:
         report = bench(args, work)
     except ClusterError as e:
