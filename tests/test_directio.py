@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from treeutil import mounted
 
 from distd.directio import ALIGN, BOUNCE, DIRECT_MIN, pwrite_all
 
@@ -76,23 +77,14 @@ def test_large_and_small_writes_on_disk_and_tmpfs(tmp_path: Path, size: int) -> 
 def small_ext4(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB ext4 on a loop device (a block filesystem, where O_DIRECT reaches the
     disk); skips when this machine will not make one (needs root and loop devices)."""
-    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
-    mnt.mkdir()
+    image = tmp_path / "fs.img"
     with image.open("wb") as f:
         f.truncate(4 << 20)
     made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot make an ext4 image: {made.stderr.strip()}")
-    r = subprocess.run(
-        ["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a loop device here: {r.stderr.strip()}")
-    try:
+    with mounted(tmp_path / "mnt", "-o", "loop", str(image)) as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_a_full_disk_is_an_error(tmp_path: Path) -> None:

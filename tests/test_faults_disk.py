@@ -24,12 +24,11 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
-from treeutil import GENEROUS, scratch, snapshot, wait_for
+from treeutil import GENEROUS, mounted, scratch, snapshot, wait_for
 
 from bench.cluster import MIB, Cluster, Node, make_random_tree
 from manifests.client import SeederClient
@@ -170,22 +169,9 @@ def test_daemons_killed_at_random_moments_never_leave_anything_half_written() ->
 # -- 5: disk full ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
+def tmpfs(path: Path, size: str) -> contextlib.AbstractContextManager[Path]:
     """`path` as a tmpfs of `size`; skips the test when this machine will not mount one."""
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    return mounted(path, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs")
 
 
 def fill(path: Path) -> None:

@@ -12,10 +12,13 @@ import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from bench.cluster import MIB, Cluster, Node, make_random_tree
 from manifests.chunking import encode_chunk
@@ -140,3 +143,18 @@ def one_node_fleet(name: str, image: str, seed: int) -> Iterator[Fleet]:
         (node,) = cluster.nodes
         held = next((node.data_dir / "chunks").glob("*/*.*"))
         yield Fleet(cluster, node, held.name.partition(".")[0])
+
+
+@contextlib.contextmanager
+def mounted(path: Path, *options: str) -> Iterator[Path]:
+    """`mount OPTIONS path` for the test's duration (unmounted after, lazily if busy);
+    skips the test when this machine will not mount it (needs root or CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", *options, str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount {' '.join(options)} here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
