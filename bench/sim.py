@@ -13,9 +13,10 @@ message costs one `latency`. CPU is not modelled: a real run that is CPU-bound
 is slower than the sim for that reason alone.
 
 What it costs: every busy answer is a scheduler decision over the asker's
-neighbours, and busy answers are most of the events (about fifteen per chunk
-moved at N=1000), so wall time grows with N x chunks x neighbours. A chunk's
-news reaches all followers in one event.
+neighbours, so wall time grows with N x chunks x neighbours. Busy answers are
+fewer since a node tells its followers when its upload slots fill (as the daemon
+does on its have-streams); that news, like a chunk's, reaches all followers in
+one event.
 
     python -m bench.sim --nodes 16 100 1000 10000 --json sim.json
     python -m bench.sim --validate bench/results/fanout-N8-256MiB.json
@@ -270,6 +271,10 @@ class Simulation:
             src.ups.add(flow)
             node.downs[(r.peer_id, r.index)] = flow
             self.reshare(src, node)
+            if src is not self.seeder and len(src.ups) >= src.slots and src.followers:
+                # as distd's HaveHub.busy: the followers hear how long the slots are taken
+                until = self.now + min(f.unsent / f.send_rate for f in src.ups)
+                self.at(self.now + lat, lambda: self.busy_news(src, until))
 
         self.at(self.now + lat, arrives)
 
@@ -371,6 +376,14 @@ class Simulation:
             self.drive(dst)
 
         self.at(self.now + lat, lands)
+
+    def busy_news(self, peer: SimNode, until: float) -> None:
+        """`peer`'s news that its upload slots are taken until `until` reaches all its
+        followers (one event, as for haves)."""
+        for fid in peer.followers:
+            node = self.nodes[fid]
+            if node.sched is not None and node.finished is None:
+                node.sched.peer_busy(peer.node_id, until - self.now, self.now)
 
     def _haver(self, peer: SimNode, index: int) -> Callable[[], None]:
         return lambda: self.haves(peer, index)

@@ -20,7 +20,7 @@ import msgpack
 
 from distd.catalog import Image
 from distd.metrics import Metrics
-from distd.peer_server import H_DEFERRED, H_RETRY_MS
+from distd.peer_server import H_DEFERRED, H_RETRY_MS, MAX_BUSY_MS
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore
 from distd.swarm import bitfield
@@ -164,6 +164,11 @@ class SwarmDownload:
             for i in msg[1]:
                 if isinstance(i, int) and 0 <= i < n:
                     self.sched.peer_has(link.peer_id, i)
+        elif kind == "busy" and len(msg) == 2 and isinstance(msg[1], int):
+            if not 0 <= msg[1] <= MAX_BUSY_MS:
+                raise ValueError(f"busy for {msg[1]} ms on a have-stream")
+            now = asyncio.get_running_loop().time()
+            self.sched.peer_busy(link.peer_id, msg[1] / 1000, now)
         elif kind != "ping":
             what = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
             raise ValueError(f"unknown have-stream message {what}")

@@ -5,7 +5,9 @@ upload slots: when they are all taken it answers 503 "busy" at once rather than
 queueing, so the asker tries another peer. The seeder and every daemon serve
 chunks through it. `HaveHub` answers
 `GET /v1/swarm/{image}/haves` with a long-lived msgpack stream: the image's
-bitfield, then every newly stored chunk index the moment it lands.
+bitfield, then every newly stored chunk index the moment it lands, and, each time
+an upload takes the last free slot, how long the slots should stay taken: followers
+then skip this node until then instead of each asking and hearing "busy".
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -33,6 +36,15 @@ H_BUSY = "X-Busy"
 H_DEFERRED = "X-Deferred"
 H_RETRY_MS = "X-Retry-After-Ms"  # with busy: when the earliest upload should end
 _END = -1  # queued to a follower's stream to end it
+MAX_BUSY_MS = 60_000  # a longer busy announcement is malformed
+
+
+@dataclass(frozen=True, slots=True)
+class _Busy:
+    """Queued to every follower's stream: the upload slots are taken until `until`
+    (loop time), turned into milliseconds from now when it is written."""
+
+    until: float
 
 
 def _digest(request: web.Request, key: str) -> str:
@@ -58,6 +70,9 @@ class ChunkServer:
         self.slots = slots
         self.bucket = bucket
         self.on_sent = on_sent
+        # Called with the loop time the earliest upload should end, whenever an upload
+        # takes the last free slot (`add_peer_routes` points it at the HaveHub).
+        self.on_full: Callable[[float], None] | None = None
         self.policy = policy
         self.active = 0
         self.finishes: list[float] = []  # expected end of each upload in progress
@@ -103,6 +118,8 @@ class ChunkServer:
         # Each upload gets about a slot's share of the cap: its expected end, for busy hints.
         finish = now + (self.store_size(digest) * self.slots / rate if rate else 0.0)
         self.finishes.append(finish)
+        if self.active >= self.slots and self.on_full is not None and rate:
+            self.on_full(min(self.finishes))
         try:
             info, payload = await self.store.get(digest)
             headers = {
@@ -142,7 +159,7 @@ class HaveHub:
     ) -> None:
         self.catalog = catalog
         self.on_follower = on_follower
-        self.followers: dict[str, set[asyncio.Queue[int]]] = {}
+        self.followers: dict[str, set[asyncio.Queue[int | _Busy]]] = {}
         self.closing = False
         catalog.on_have.append(self._have)
 
@@ -157,6 +174,14 @@ class HaveHub:
         for q in self.followers.get(image.digest, ()):
             q.put_nowait(index)
 
+    def busy(self, until: float) -> None:
+        """Tell every follower, of every image, that the upload slots are taken until
+        `until` (loop time): they are this node's slots, whatever the image."""
+        news = _Busy(until)
+        for queues in self.followers.values():
+            for q in queues:
+                q.put_nowait(news)
+
     @property
     def count(self) -> int:
         return sum(len(s) for s in self.followers.values())
@@ -170,7 +195,7 @@ class HaveHub:
         address = request.query.get("address", "")
         if node and address and self.on_follower is not None:
             self.on_follower(image, node, address, request.query.get("zone", ""))
-        queue: asyncio.Queue[int] = asyncio.Queue()
+        queue: asyncio.Queue[int | _Busy] = asyncio.Queue()
         subs = self.followers.setdefault(digest, set())
         subs.add(queue)  # before the bitfield is sent, so no chunk falls in between
         resp = web.StreamResponse(headers={"Content-Type": HAVE_STREAM})
@@ -191,7 +216,15 @@ class HaveHub:
                     batch.append(queue.get_nowait())
                 if _END in batch:
                     break
-                await resp.write(wire.pack(["have", batch]))
+                haves = [i for i in batch if isinstance(i, int)]
+                if haves:
+                    await resp.write(wire.pack(["have", haves]))
+                busy = [b.until for b in batch if isinstance(b, _Busy)]
+                if busy:
+                    left = busy[-1] - asyncio.get_running_loop().time()
+                    ms = min(MAX_BUSY_MS, int(left * 1000))
+                    if ms > 0:
+                        await resp.write(wire.pack(["busy", ms]))
         except ConnectionError:
             return resp  # the follower went away
         finally:
@@ -206,6 +239,7 @@ class HaveHub:
 def add_peer_routes(app: web.Application, chunks: ChunkServer, hub: HaveHub) -> None:
     """The peer API every node serves (daemon and `distd pull` alike): chunks and
     have-streams, with the streams ended at shutdown so followers cannot hold it open."""
+    chunks.on_full = hub.busy
     app.router.add_get("/v1/chunks/{digest}", chunks.handle, allow_head=False)
     app.router.add_get("/v1/swarm/{image}/haves", hub.handle)
 

@@ -33,7 +33,9 @@ Peer API (every distd, and the seeder for chunks):
                                    is free (ask another peer), 404 when not held
     GET    /v1/swarm/{image}/haves?node=&address=&zone=
                                 -> a stream of msgpack messages: ["bitfield", bytes], then
-                                   ["have", [index...]] as chunks land, ["ping"] when idle
+                                   ["have", [index...]] as chunks land, ["busy", ms] when
+                                   an upload takes the last free slot (for about how long),
+                                   ["ping"] when idle
 
 Errors: non-2xx with {"error": "one line"}.
 

@@ -40,6 +40,7 @@ from distd.catalog import Image
 from distd.engine import EngineContext, PeerLink, SwarmDownload, have_stream_decoder
 from distd.httpserver import read_body, serve
 from distd.materialize import MaterializeError, StagedImage, materialize
+from distd.peer_server import MAX_BUSY_MS
 from distd.ratelimit import TokenBucket
 from distd.swarm import bitfield
 from distd.swarm.scheduler import Request, SchedulerConfig
@@ -73,12 +74,18 @@ def _download(n: int, *given: Chunk) -> tuple[SwarmDownload, PeerLink]:
 
 
 def _feed(n: int, data: bytes, cuts: list[int]) -> SwarmDownload:
-    """Feed `data` to the have-stream decoder in pieces cut at `cuts`; returns the download."""
+    """Feed `data` to the have-stream decoder in pieces cut at `cuts`; returns the download.
+
+    On an event loop, as in the daemon: a "busy" message reads the loop's clock."""
     dl, link = _download(n)
     unpacker = have_stream_decoder(n)
     edges = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    for a, b in itertools.pairwise(edges):
-        dl._on_data(link, unpacker, data[a:b], n)
+
+    async def feed() -> None:
+        for a, b in itertools.pairwise(edges):
+            dl._on_data(link, unpacker, data[a:b], n)
+
+    asyncio.run(feed())
     return dl
 
 
@@ -103,7 +110,10 @@ _values = st.recursive(
 )
 _messages = st.one_of(
     _values,
-    st.tuples(st.sampled_from(["bitfield", "have", "ping", "haves", ""]), _values).map(list),
+    st.tuples(st.sampled_from(["bitfield", "have", "ping", "busy", "haves", ""]), _values).map(
+        list
+    ),
+    st.tuples(st.just("busy"), st.integers(-(2**40), 2**40)).map(list),
     st.tuples(st.just("have"), st.lists(_scalars | st.integers(-5, 300), max_size=20)).map(list),
     st.tuples(st.just("bitfield"), st.binary(max_size=20)).map(list),
 )
@@ -154,8 +164,19 @@ def test_have_stream_oversized_messages_are_refused_without_allocating(data: byt
 def test_have_stream_valid_messages_still_work() -> None:
     n = 20
     stream = [["bitfield", bitfield.to_bytes(0b101, n)], ["ping"], ["have", [3, 19, 25, -1]]]
+    stream.append(["busy", 250])
+    started = time.monotonic()
     dl = _feed(n, b"".join(wire.pack(m) for m in stream), [1, 7, 9])
-    assert dl.sched.peers["peer"].have == 0b101 | 1 << 3 | 1 << 19
+    peer = dl.sched.peers["peer"]
+    assert peer.have == 0b101 | 1 << 3 | 1 << 19
+    # not asked for the next 250 ms (the loop's clock is the monotonic one, to a few ms)
+    assert peer.blocked_until >= started + 0.24
+
+
+@pytest.mark.parametrize("ms", [-1, MAX_BUSY_MS + 1])
+def test_have_stream_busy_out_of_range_is_refused(ms: int) -> None:
+    with pytest.raises(ValueError, match="busy for"):
+        _feed(20, wire.pack(["busy", ms]), [])
 
 
 @given(data=st.binary(max_size=300), n=st.integers(0, 2000))

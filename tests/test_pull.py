@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -199,6 +200,44 @@ async def test_swarm_pull_serves_what_it_holds_until_it_ends(
     host, port = swarm.address.rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=2).close()
+
+
+async def test_a_full_upload_slot_is_announced_on_the_have_stream(
+    seeder: SeederProcess, tmp_path: Path
+) -> None:
+    """When an upload takes the last free slot, every follower hears for how long, so it
+    can skip this node until then instead of asking and hearing "busy"."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(3 * CS))
+    manifest = await _publish(seeder.url, src)
+    store = ChunkStore(tmp_path / "data")
+    # One slot at CS bytes/s: an upload of one chunk holds it for about a second.
+    config = SwarmPullConfig(seeder=seeder.url, node_id="p", max_upload_rate=CS, upload_slots=1)
+    async with SwarmPull(config, store, tmp_path / "data") as swarm:
+        await pull_image(swarm.client, NAME, store, tmp_path / "image", fill=swarm.fill)
+        base = f"http://{swarm.address}"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{base}/v1/swarm/{manifest.digest}/haves") as stream,
+        ):
+            unpacker = msgpack.Unpacker(raw=False)
+
+            async def message() -> Any:
+                while True:
+                    for msg in unpacker:
+                        return msg
+                    unpacker.feed(await stream.content.readany())
+
+            assert (await message())[0] == "bitfield"
+            chunk = manifest.chunks[0]
+            upload = asyncio.ensure_future(http.get(f"{base}/v1/chunks/{chunk.digest}"))
+            kind, ms = await asyncio.wait_for(message(), 10)
+            assert kind == "busy" and 0 < ms <= 1000  # the upload's expected end at CS/s
+            async with http.get(f"{base}/v1/chunks/{manifest.chunks[1].digest}") as r:
+                assert r.status == 503  # and a request meanwhile still hears "busy"
+            async with await upload as r:
+                assert r.status == 200 and len(await r.read()) == chunk.stored_size
 
 
 def _free_port() -> int:

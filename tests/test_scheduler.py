@@ -198,6 +198,20 @@ def test_busy_peer_is_skipped_until_its_backoff_ends() -> None:
     assert len(sched.next_requests(wake)) == 1
 
 
+def test_a_peer_that_announced_its_slots_taken_is_not_asked_until_then() -> None:
+    sched = Scheduler([100, 100], config=SchedulerConfig(first_chunks=0))
+    sched.add_peer("busy", have=0b11)
+    sched.add_peer("other", have=0b01)
+    sched.peer_busy("busy", 0.3, 0.0)
+    sched.peer_busy("gone", 0.3, 0.0)  # not a neighbour: nothing to do
+    # Only the other peer is asked, and for what it holds; chunk 1 waits for "busy".
+    assert [(r.peer_id, r.index) for r in sched.next_requests(0.0)] == [("other", 0)]
+    spread = sched.config.penalties.busy_spread
+    wake = sched.next_wakeup(0.0)
+    assert wake is not None and 0.3 <= wake <= 0.3 + spread
+    assert [(r.peer_id, r.index) for r in sched.next_requests(wake)] == [("busy", 1)]
+
+
 def test_corrupt_peer_is_banned_and_its_chunks_go_elsewhere() -> None:
     sched = Scheduler([100], config=SchedulerConfig())
     sched.add_peer("liar", have=1)

@@ -147,6 +147,14 @@ class Scheduler:
                 if not peer.is_seeder:
                     self.availability[index] += 1
 
+    def peer_busy(self, peer_id: str, seconds: float, now: float) -> None:
+        """A neighbour announced that all its upload slots are taken for about `seconds`
+        (on its have-stream, as an upload starts): not asked until then, so no request
+        is spent on a "busy" answer the neighbour has already given to everyone."""
+        peer = self.peers.get(peer_id)
+        if peer is not None:
+            peer.busy_for(seconds, now, self.config.penalties, self.rng)
+
     def mark_have(self, index: int) -> list[Request]:
         """We hold chunk `index` (from any source): requests still out for it are returned."""
         self.have |= 1 << index
