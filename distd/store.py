@@ -96,7 +96,6 @@ class ChunkStore:
         self.root = Path(data_dir) / "chunks"
         self.root.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, StoredChunk] = {}
-        self._subdirs: set[str] = set()  # fan-out dirs known to exist: no mkdir per put
         self._bytes = 0
         self.listeners: list[Callable[[StoredChunk], None]] = []
         self.recent = RecentChunks(RECENT_BYTES)
@@ -152,14 +151,11 @@ class ChunkStore:
     ) -> StoredChunk:
         verify_chunk(digest, payload, encoding, size)
         final = self.path(digest, encoding)
-        if digest[:2] not in self._subdirs:
-            final.parent.mkdir(exist_ok=True)
-            self._subdirs.add(digest[:2])
         tmp = final.with_name(f"{digest}{_TMP_MARK}{secrets.token_hex(4)}")
         try:
             try:
                 fd = os.open(tmp, _CREATE, 0o644)
-            except FileNotFoundError:  # the fan-out dir went away under us
+            except FileNotFoundError:  # its fan-out dir is not there yet (or went away)
                 final.parent.mkdir(exist_ok=True)
                 fd = os.open(tmp, _CREATE, 0o644)
             try:
