@@ -399,9 +399,12 @@ class Simulation:
             if sched is None or node.finished is not None:
                 continue
             sched.peer_has(peer.node_id, index)
-            # Only a node with room for another request can act on the news.
+            # Only a node with room for another request can act on the news, and only
+            # while it is not holding off this peer (busy news): it wakes for that anyway.
             if sched.inflight < max_inflight and not sched.have & bit:
-                self.drive(node)
+                state = sched.peers.get(peer.node_id)
+                if state is not None and state.usable(self.now):
+                    self.drive(node)
 
     # --- results -------------------------------------------------------------------------
 

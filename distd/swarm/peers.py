@@ -50,9 +50,22 @@ class PeerState:
     withheld: dict[int, float] = field(default_factory=dict)  # index -> deferred until
     blocked_until: float = 0.0
     banned_until: float = 0.0
+    # max(blocked_until, banned_until), kept by `hold`: the scheduler reads it for every
+    # neighbour on every decision, so it is a field, not a computation.
+    ready_at: float = 0.0
 
     def usable(self, now: float) -> bool:
-        return now >= self.blocked_until and now >= self.banned_until
+        return now >= self.ready_at
+
+    def hold(
+        self, *, blocked_until: float | None = None, banned_until: float | None = None
+    ) -> None:
+        """Set when the peer may be asked again (a backoff, a ban)."""
+        if blocked_until is not None:
+            self.blocked_until = blocked_until
+        if banned_until is not None:
+            self.banned_until = banned_until
+        self.ready_at = max(self.blocked_until, self.banned_until)
 
     def withheld_bits(self, now: float) -> int:
         """Chunks this peer deferred us on, still within their deferral."""
@@ -69,7 +82,9 @@ class PeerState:
     ) -> None:
         """The peer said its upload slots are taken for about `seconds`: skip it until then."""
         until = now + min(penalties.max_busy_backoff, max(0.0, seconds))
-        self.blocked_until = max(self.blocked_until, until + penalties.busy_spread * rng.random())
+        self.hold(
+            blocked_until=max(self.blocked_until, until + penalties.busy_spread * rng.random())
+        )
 
     def record_success(self, nbytes: int, elapsed: float) -> None:
         self.failures = 0
@@ -91,22 +106,22 @@ class PeerState:
             # little jitter so that everyone told the same moment does not arrive at once.
             self.busy += 1
             wait = min(penalties.max_busy_backoff, max(0.0, retry_after))
-            self.blocked_until = now + wait * (1.0 + 0.25 * rng.random())
+            self.hold(blocked_until=now + wait * (1.0 + 0.25 * rng.random()))
         elif reason is Failure.BUSY:
             # Doubling on each busy answer in a row: a thousand nodes told "busy" by an
             # overloaded seeder spread out instead of coming back as one wave.
             self.busy += 1
             backoff = min(penalties.max_busy_backoff, penalties.busy_backoff * 2 ** (self.busy - 1))
-            self.blocked_until = now + backoff * jitter
+            self.hold(blocked_until=now + backoff * jitter)
         elif reason is Failure.DEFERRED:
             return  # the caller records which chunk; the peer itself stays usable
         elif reason is Failure.CORRUPT:
             self.corrupt += 1
-            self.banned_until = now + penalties.ban_seconds * 2 ** (self.corrupt - 1)
+            self.hold(banned_until=now + penalties.ban_seconds * 2 ** (self.corrupt - 1))
         else:
             self.failures += 1
             backoff = penalties.error_backoff * 2 ** (self.failures - 1)
-            self.blocked_until = now + min(penalties.max_backoff, backoff) * jitter
+            self.hold(blocked_until=now + min(penalties.max_backoff, backoff) * jitter)
 
 
 def preference(peer: PeerState, my_zone: str) -> tuple[bool, bool, int]:

@@ -124,7 +124,8 @@ class Scheduler:
         peer = self.peers.get(peer_id)
         if peer is None:
             peer = self.peers[peer_id] = PeerState(peer_id, zone, is_seeder)
-            peer.corrupt, peer.banned_until = self.bans.get(peer_id, (0, 0.0))
+            peer.corrupt, banned_until = self.bans.get(peer_id, (0, 0.0))
+            peer.hold(banned_until=banned_until)
         self._set_have(peer, have & self.all)
 
     def remove_peer(self, peer_id: str) -> list[Request]:
@@ -241,7 +242,7 @@ class Scheduler:
         ranks: dict[tuple[bool, bool, int], list[PeerState]] = {}
         reachable = 0
         for p in self.peers.values():
-            if p.have & missing and p.usable(now):
+            if p.have & missing and now >= p.ready_at:  # p.usable(now), inlined: hot
                 if not p.is_seeder and p.peer_id not in stuck:
                     reachable |= p.have
                 ranks.setdefault(preference(p, cfg.my_zone), []).append(p)
@@ -312,10 +313,8 @@ class Scheduler:
                 limit = self.config.endgame_duplicates
                 times += [self._hedge_at(i) for i, r in self.pending.items() if len(r) < limit]
             for p in self.peers.values():  # runs after every busy answer: kept lean
-                if p.have & missing:
-                    until = max(p.blocked_until, p.banned_until)
-                    if until > now:  # not usable(now)
-                        times.append(until)
+                if p.have & missing and p.ready_at > now:  # not usable(now)
+                    times.append(p.ready_at)
                 if p.withheld:
                     times += [t for i, t in p.withheld.items() if bitfield.has(missing, i)]
         future = [t for t in times if t > now]
