@@ -391,20 +391,14 @@ class Simulation:
     def haves(self, peer: SimNode, index: int) -> None:
         """`peer`'s news of chunk `index` reaches all its followers: one event, not one each
         (they would all fire at the same moment anyway)."""
-        max_inflight = self.sched_config.max_inflight
-        bit = 1 << index
         for fid in peer.followers:
             node = self.nodes[fid]
             sched = node.sched
             if sched is None or node.finished is not None:
                 continue
             sched.peer_has(peer.node_id, index)
-            # Only a node with room for another request can act on the news, and only
-            # while it is not holding off this peer (busy news): it wakes for that anyway.
-            if sched.inflight < max_inflight and not sched.have & bit:
-                state = sched.peers.get(peer.node_id)
-                if state is not None and state.usable(self.now):
-                    self.drive(node)
+            if sched.wants_from(peer.node_id, index, self.now):  # as the daemon's engine
+                self.drive(node)
 
     # --- results -------------------------------------------------------------------------
 

@@ -128,8 +128,8 @@ class SwarmDownload:
                     return
                 unpacker = have_stream_decoder(n)
                 async for data in resp.content.iter_any():
-                    self._on_data(link, unpacker, data, n)
-                    self.wake.set()
+                    if self._on_data(link, unpacker, data, n):
+                        self.wake.set()
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
             log.debug("following %s failed: %s", link.peer_id, e)
         finally:
@@ -141,8 +141,11 @@ class SwarmDownload:
                 )
             self.wake.set()
 
-    def _on_data(self, link: PeerLink, unpacker: msgpack.Unpacker, data: bytes, n: int) -> None:
-        """Feed bytes of a neighbour's have-stream; act on every whole message.
+    def _on_data(self, link: PeerLink, unpacker: msgpack.Unpacker, data: bytes, n: int) -> bool:
+        """Feed bytes of a neighbour's have-stream; act on every whole message. True when
+        the news could change the next decision (see `Scheduler.wants_from`): the rest
+        (haves of chunks we hold or cannot ask for yet, busy news, pings) does not wake
+        the download loop, which is most of a node's have-stream traffic.
 
         Raises ValueError, and only that, on anything malformed or oversized.
         """
@@ -150,28 +153,36 @@ class SwarmDownload:
             unpacker.feed(data)
         except msgpack.BufferFull:
             raise ValueError("have-stream message larger than the image needs") from None
+        now = asyncio.get_running_loop().time()
+        actionable = False
         for msg in unpacker:
-            self._on_message(link, msg, n)
+            actionable |= self._on_message(link, msg, n, now)
+        return actionable
 
-    def _on_message(self, link: PeerLink, msg: Any, n: int) -> None:
+    def _on_message(self, link: PeerLink, msg: Any, n: int, now: float) -> bool:
         if not isinstance(msg, list) or not msg:
             raise ValueError("malformed have-stream message")
         kind = msg[0]
         if kind == "bitfield" and len(msg) == 2 and isinstance(msg[1], bytes):
             have = bitfield.from_bytes(msg[1], n)
             self.sched.add_peer(link.peer_id, zone=link.zone, have=have)
-        elif kind == "have" and len(msg) == 2 and isinstance(msg[1], list):
+            return True
+        if kind == "have" and len(msg) == 2 and isinstance(msg[1], list):
+            wanted = False
             for i in msg[1]:
                 if isinstance(i, int) and 0 <= i < n:
                     self.sched.peer_has(link.peer_id, i)
-        elif kind == "busy" and len(msg) == 2 and isinstance(msg[1], int):
+                    wanted = wanted or self.sched.wants_from(link.peer_id, i, now)
+            return wanted
+        if kind == "busy" and len(msg) == 2 and isinstance(msg[1], int):
             if not 0 <= msg[1] <= MAX_BUSY_MS:
                 raise ValueError(f"busy for {msg[1]} ms on a have-stream")
-            now = asyncio.get_running_loop().time()
             self.sched.peer_busy(link.peer_id, msg[1] / 1000, now)
-        elif kind != "ping":
+            return False
+        if kind != "ping":
             what = repr(kind[:40]) if isinstance(kind, str) else type(kind).__name__
             raise ValueError(f"unknown have-stream message {what}")
+        return False
 
     @property
     def peer_count(self) -> int:
@@ -306,9 +317,11 @@ class SwarmDownload:
                     task = asyncio.create_task(self._fetch(req))
                     self.tasks[(req.peer_id, req.index)] = task
                 wake_at = self.sched.next_wakeup(now)
-                timeout = None if wake_at is None else max(0.0, wake_at - loop.time())
+                # asyncio.timeout_at, not wait_for: no task per wait, and this loop waits
+                # once per decision.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout)
+                    async with asyncio.timeout_at(wake_at):
+                        await self.wake.wait()
                 if self.store_error is not None:
                     raise self.store_error
         finally:

@@ -205,7 +205,9 @@ class HaveHub:
             await resp.write(wire.pack(["bitfield", bitfield.to_bytes(image.have, n)]))
             while digest in self.catalog.images and not self.closing:
                 try:
-                    first = await asyncio.wait_for(queue.get(), KEEPALIVE_SECONDS)
+                    # asyncio.timeout, not wait_for: no task per message on every stream.
+                    async with asyncio.timeout(KEEPALIVE_SECONDS):
+                        first = await queue.get()
                 except TimeoutError:
                     await resp.write(wire.pack(["ping"]))
                     continue

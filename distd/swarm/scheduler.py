@@ -148,6 +148,19 @@ class Scheduler:
                 if not peer.is_seeder:
                     self.availability[index] += 1
 
+    def wants_from(self, peer_id: str, index: int, now: float) -> bool:
+        """Could the news that `peer_id` holds `index` change the next decision? Only if
+        we lack the chunk, hold off no longer from that peer, and have a request slot
+        free. Drivers skip a decision otherwise: a node hears of every chunk each of its
+        neighbours stores, and most of that news finds every slot taken."""
+        peer = self.peers.get(peer_id)
+        return (
+            peer is not None
+            and not self.have >> index & 1
+            and now >= peer.ready_at
+            and self.inflight - self.stalled < self._limit()
+        )
+
     def peer_busy(self, peer_id: str, seconds: float, now: float) -> None:
         """A neighbour announced that all its upload slots are taken for about `seconds`
         (on its have-stream, as an upload starts): not asked until then, so no request
