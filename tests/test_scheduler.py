@@ -212,6 +212,33 @@ def test_a_peer_that_announced_its_slots_taken_is_not_asked_until_then() -> None
     assert [(r.peer_id, r.index) for r in sched.next_requests(wake)] == [("busy", 1)]
 
 
+def test_have_news_wakes_the_driver_only_when_it_can_matter() -> None:
+    """`wants_from` lets drivers skip decisions; skipping one must never strand a chunk:
+    a held-off neighbour's first wanted chunk still wakes (for its wake-up time)."""
+    sched = Scheduler([100] * 4, config=SchedulerConfig(first_chunks=0, max_inflight=1))
+    sched.add_peer("free", have=0)
+    sched.add_peer("held", have=0)
+    sched.peer_busy("held", 0.5, 0.0)
+    sched.peer_has("held", 1)
+    assert sched.wants_from("held", 1, 0.0)  # held off, but nothing else wanted from it
+    assert sched.next_requests(0.0) == []
+    wake = sched.next_wakeup(0.0)
+    spread = sched.config.penalties.busy_spread
+    assert wake is not None and 0.5 <= wake <= 0.5 + spread  # so chunk 1 is not stranded
+    sched.peer_has("held", 3)
+    assert not sched.wants_from("held", 3, 0.1)  # held off, and its wake-up is set
+    sched.peer_has("free", 0)
+    assert sched.wants_from("free", 0, 0.1)  # can be asked now
+    assert [(r.peer_id, r.index) for r in sched.next_requests(0.1)] == [("free", 0)]
+    sched.peer_has("free", 2)
+    assert not sched.wants_from("free", 2, 0.2)  # the one request slot is taken
+    sched.on_received("free", 0, 0.3)
+    assert sched.wants_from("free", 2, 0.3)
+    sched.mark_have(2)
+    assert not sched.wants_from("free", 2, 0.3)  # held already
+    assert not sched.wants_from("gone", 1, 0.3)  # not a neighbour
+
+
 def test_corrupt_peer_is_banned_and_its_chunks_go_elsewhere() -> None:
     sched = Scheduler([100], config=SchedulerConfig())
     sched.add_peer("liar", have=1)

@@ -149,17 +149,16 @@ class Scheduler:
                     self.availability[index] += 1
 
     def wants_from(self, peer_id: str, index: int, now: float) -> bool:
-        """Could the news that `peer_id` holds `index` change the next decision? Only if
-        we lack the chunk, hold off no longer from that peer, and have a request slot
-        free. Drivers skip a decision otherwise: a node hears of every chunk each of its
-        neighbours stores, and most of that news finds every slot taken."""
+        """Could the news that `peer_id` holds `index` (already given to `peer_has`) change
+        the next decision or wake-up? Only if we lack the chunk and have a request slot
+        free, and either the peer can be asked now, or it is held off and held nothing
+        else we lack: then no wake-up is set for the end of its hold yet. Drivers skip
+        a decision otherwise: a node hears of every chunk each neighbour stores, and
+        most of that news finds every slot taken."""
         peer = self.peers.get(peer_id)
-        return (
-            peer is not None
-            and not self.have >> index & 1
-            and now >= peer.ready_at
-            and self.inflight - self.stalled < self._limit()
-        )
+        if peer is None or self.have >> index & 1 or self.inflight - self.stalled >= self._limit():
+            return False
+        return now >= peer.ready_at or not peer.have & ~(1 << index) & self.missing
 
     def peer_busy(self, peer_id: str, seconds: float, now: float) -> None:
         """A neighbour announced that all its upload slots are taken for about `seconds`
