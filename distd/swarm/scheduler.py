@@ -156,7 +156,7 @@ class Scheduler:
         a decision otherwise: a node hears of every chunk each neighbour stores, and
         most of that news finds every slot taken."""
         peer = self.peers.get(peer_id)
-        if peer is None or self.have >> index & 1 or self.inflight - self.stalled >= self._limit():
+        if peer is None or self.have >> index & 1 or self._free() <= 0:
             return False
         return now >= peer.ready_at or not peer.have & ~(1 << index) & self.missing
 
@@ -248,7 +248,7 @@ class Scheduler:
         stalled = [r for r in self._requests() if self._stalled_at(r) <= now]
         self.stalled = len(stalled)
         stuck = {r.peer_id for r in stalled}  # as good as busy: do not count on them
-        if self.complete or self.inflight - self.stalled >= self._limit():
+        if self.complete or self._free() <= 0:
             return []
         missing = self.missing
         ranks: dict[tuple[bool, bool, int], list[PeerState]] = {}
