@@ -184,6 +184,11 @@ class SwarmDownload:
             raise ValueError(f"unknown have-stream message {what}")
         return False
 
+    def known_have(self, node_id: str) -> int | None:
+        """What neighbour `node_id` told us it holds (its bitfield); None if not followed."""
+        peer = self.sched.peers.get(node_id)
+        return None if peer is None else peer.have
+
     @property
     def peer_count(self) -> int:
         return sum(1 for p in self.sched.peers.values() if not p.is_seeder)

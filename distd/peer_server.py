@@ -156,10 +156,16 @@ class HaveHub:
         self,
         catalog: Catalog,
         on_follower: Callable[[Image, str, str, str], None] | None = None,
+        known: Callable[[Image, str], int | None] | None = None,
     ) -> None:
         self.catalog = catalog
         self.on_follower = on_follower
-        self.followers: dict[str, set[asyncio.Queue[int | _Busy]]] = {}
+        # What a follower (by node id) is known to hold of an image, as this node follows
+        # it back, or None. News it cannot use is not sent: each is a small write and a
+        # wake-up at both ends, per chunk or upload and per follower (bench.fanout N=16,
+        # 1 MiB chunks: 7.94-8.87 CPU s/GiB against 9.05-9.54 in three paired runs).
+        self.known = known
+        self.followers: dict[str, dict[asyncio.Queue[int | _Busy], str]] = {}
         self.closing = False
         catalog.on_have.append(self._have)
 
@@ -171,16 +177,22 @@ class HaveHub:
                 q.put_nowait(_END)
 
     def _have(self, image: Image, index: int) -> None:
-        for q in self.followers.get(image.digest, ()):
-            q.put_nowait(index)
+        for q, node in self.followers.get(image.digest, {}).items():
+            held = self.known(image, node) if self.known is not None else None
+            if held is None or not held >> index & 1:
+                q.put_nowait(index)
 
     def busy(self, until: float) -> None:
         """Tell every follower, of every image, that the upload slots are taken until
-        `until` (loop time): they are this node's slots, whatever the image."""
+        `until` (loop time): they are this node's slots, whatever the image. Not those
+        known to hold all this node has of the image: they ask it for nothing."""
         news = _Busy(until)
-        for queues in self.followers.values():
-            for q in queues:
-                q.put_nowait(news)
+        for digest, queues in self.followers.items():
+            image = self.catalog.images.get(digest)
+            for q, node in queues.items():
+                held = self.known(image, node) if self.known and image else None
+                if held is None or image is None or image.have & ~held:
+                    q.put_nowait(news)
 
     @property
     def count(self) -> int:
@@ -196,8 +208,8 @@ class HaveHub:
         if node and address and self.on_follower is not None:
             self.on_follower(image, node, address, request.query.get("zone", ""))
         queue: asyncio.Queue[int | _Busy] = asyncio.Queue()
-        subs = self.followers.setdefault(digest, set())
-        subs.add(queue)  # before the bitfield is sent, so no chunk falls in between
+        subs = self.followers.setdefault(digest, {})
+        subs[queue] = node  # before the bitfield is sent, so no chunk falls in between
         resp = web.StreamResponse(headers={"Content-Type": HAVE_STREAM})
         try:
             await resp.prepare(request)
@@ -230,7 +242,7 @@ class HaveHub:
         except ConnectionError:
             return resp  # the follower went away
         finally:
-            subs.discard(queue)
+            subs.pop(queue, None)
             if not subs:
                 self.followers.pop(digest, None)
         with contextlib.suppress(ConnectionError):

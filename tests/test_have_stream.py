@@ -1,0 +1,80 @@
+"""The have-stream server (`HaveHub`) in-process, over real HTTP on loopback: what each
+follower is sent, given what it is known to hold."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+from aiohttp import web
+from treeutil import build_manifest
+
+from distd.catalog import Catalog, Image
+from distd.peer_server import HaveHub
+from distd.store import ChunkStore
+from distd.swarm import bitfield
+
+CS = 64 << 10
+
+
+async def _messages(resp: aiohttp.ClientResponse) -> list[Any]:
+    """Every message of a have-stream, until the server ends it."""
+    unpacker = msgpack.Unpacker(raw=False)
+    async for data in resp.content.iter_any():
+        unpacker.feed(data)
+    return list(unpacker)
+
+
+async def test_followers_are_not_told_what_they_are_known_to_hold(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(3 * CS))
+    manifest, raw = build_manifest(src, CS)
+    store = ChunkStore(tmp_path / "data")
+    catalog = Catalog(tmp_path / "data", store)
+    image = catalog.add(manifest.digest, manifest)
+    # As the daemon knows them from following each back: "some" holds chunk 1, "all"
+    # holds every chunk, "new" is not followed (unknown).
+    known = {"some": 1 << 1, "all": bitfield.full(3)}
+
+    def held(img: Image, node: str) -> int | None:
+        assert img is image
+        return known.get(node)
+
+    hub = HaveHub(catalog, known=held)
+    app = web.Application()
+    app.router.add_get("/v1/swarm/{image}/haves", hub.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}/v1/swarm/{manifest.digest}/haves"
+    try:
+        async with aiohttp.ClientSession() as http:
+            streams = {}
+            for node in ("some", "all", "new"):
+                streams[node] = await http.get(url, params={"node": node})
+                first = msgpack.unpackb(await streams[node].content.readany(), raw=False)
+                assert first == ["bitfield", bitfield.to_bytes(0, 3)]
+            for chunk in manifest.chunks[:2]:
+                await store.put(chunk.digest, raw[chunk.digest], "raw", chunk.size)
+            hub.busy(asyncio.get_running_loop().time() + 0.5)
+            await asyncio.sleep(0)  # let the writers send before the streams end
+            hub.close()
+            got = {node: await _messages(resp) for node, resp in streams.items()}
+    finally:
+        await runner.cleanup()
+
+    def haves(msgs: list[Any]) -> list[int]:
+        return sorted(i for kind, body in msgs if kind == "have" for i in body)
+
+    def busy(msgs: list[Any]) -> int:
+        return sum(1 for kind, _ in msgs if kind == "busy")
+
+    assert haves(got["new"]) == [0, 1] and busy(got["new"]) == 1
+    assert haves(got["some"]) == [0] and busy(got["some"]) == 1  # it lacks chunk 0
+    assert got["all"] == []  # it holds all we have: neither news is of use to it
