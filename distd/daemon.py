@@ -80,9 +80,9 @@ class Daemon:
             bucket=self.egress,
             on_sent=self.metrics.bytes_sent.inc,
         )
-        self.hub = HaveHub(self.catalog, on_follower=self._on_follower, known=self._known)
-        self.catalog.on_have.append(self._on_have)
         self.downloads: dict[str, SwarmDownload] = {}
+        self.hub = HaveHub(self.catalog, swarms=self.downloads)
+        self.catalog.on_have.append(self._on_have)
         self.feeders: dict[str, StageFeeder] = {}  # images being materialized as they arrive
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.address = config.advertise
@@ -146,15 +146,6 @@ class Daemon:
         return respond(request, self.status())
 
     # --- events ----------------------------------------------------------------------------
-
-    def _on_follower(self, image: Image, node_id: str, address: str, zone: str) -> None:
-        dl = self.downloads.get(image.digest)
-        if dl is not None:
-            dl.add_peer(node_id, address, zone)
-
-    def _known(self, image: Image, node_id: str) -> int | None:
-        dl = self.downloads.get(image.digest)
-        return None if dl is None else dl.known_have(node_id)
 
     def _on_have(self, image: Image, index: int) -> None:
         feeder = self.feeders.get(image.digest)

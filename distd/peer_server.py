@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -149,22 +150,31 @@ class ChunkServer:
         return resp
 
 
+class Swarm(Protocol):
+    """A node's download of one image, as the have-stream server sees it (SwarmDownload)."""
+
+    def add_peer(self, node_id: str, address: str, zone: str) -> None:
+        """A neighbour began following us: follow it back."""
+
+    def known_have(self, node_id: str) -> int | None:
+        """What neighbour `node_id` told us it holds (its bitfield); None if not followed."""
+
+
 class HaveHub:
     """Fans newly stored chunks out to every neighbour following an image."""
 
     def __init__(
         self,
         catalog: Catalog,
-        on_follower: Callable[[Image, str, str, str], None] | None = None,
-        known: Callable[[Image, str], int | None] | None = None,
+        swarms: Mapping[str, Swarm] | None = None,
     ) -> None:
         self.catalog = catalog
-        self.on_follower = on_follower
-        # What a follower (by node id) is known to hold of an image, as this node follows
-        # it back, or None. News it cannot use is not sent: each is a small write and a
-        # wake-up at both ends, per chunk or upload and per follower (bench.fanout N=16,
-        # 1 MiB chunks: 7.94-8.87 CPU s/GiB against 9.05-9.54 in three paired runs).
-        self.known = known
+        # The node's downloads by image digest: a follower of an image being pulled is
+        # followed back, and what it told us it holds is known. News it cannot use is
+        # not sent: each is a small write and a wake-up at both ends, per chunk or
+        # upload and per follower (bench.fanout N=16, 1 MiB chunks: 7.94-8.87 CPU s/GiB
+        # against 9.05-9.54 in three paired runs).
+        self.swarms: Mapping[str, Swarm] = swarms if swarms is not None else {}
         self.followers: dict[str, dict[asyncio.Queue[int | _Busy], str]] = {}
         self.closing = False
         catalog.on_have.append(self._have)
@@ -176,9 +186,13 @@ class HaveHub:
             for q in queues:
                 q.put_nowait(_END)
 
+    def _known(self, digest: str, node: str) -> int | None:
+        swarm = self.swarms.get(digest)
+        return None if swarm is None else swarm.known_have(node)
+
     def _have(self, image: Image, index: int) -> None:
         for q, node in self.followers.get(image.digest, {}).items():
-            held = self.known(image, node) if self.known is not None else None
+            held = self._known(image.digest, node)
             if held is None or not held >> index & 1:
                 q.put_nowait(index)
 
@@ -189,9 +203,10 @@ class HaveHub:
         news = _Busy(until)
         for digest, queues in self.followers.items():
             image = self.catalog.images.get(digest)
+            ours = image.have if image is not None else -1  # unknown: as if it had all
             for q, node in queues.items():
-                held = self.known(image, node) if self.known and image else None
-                if held is None or image is None or image.have & ~held:
+                held = self._known(digest, node)
+                if held is None or ours & ~held:
                     q.put_nowait(news)
 
     @property
@@ -205,8 +220,9 @@ class HaveHub:
             raise ApiError(404, f"not in the swarm of image {digest}")
         node = request.query.get("node", "")
         address = request.query.get("address", "")
-        if node and address and self.on_follower is not None:
-            self.on_follower(image, node, address, request.query.get("zone", ""))
+        swarm = self.swarms.get(digest)
+        if node and address and swarm is not None:
+            swarm.add_peer(node, address, request.query.get("zone", ""))
         queue: asyncio.Queue[int | _Busy] = asyncio.Queue()
         subs = self.followers.setdefault(digest, {})
         subs[queue] = node  # before the bitfield is sent, so no chunk falls in between

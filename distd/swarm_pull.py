@@ -96,9 +96,9 @@ class SwarmPull:
             bucket=self.egress,
             on_sent=self.metrics.bytes_sent.inc,
         )
-        self.hub = HaveHub(self.catalog, on_follower=self._on_follower, known=self._known)
-        self.catalog.on_have.append(self._on_have)
         self.downloads: dict[str, SwarmDownload] = {}
+        self.hub = HaveHub(self.catalog, swarms=self.downloads)
+        self.catalog.on_have.append(self._on_have)
         self.progress: dict[str, Callable[[int], None]] = {}
         self.address = config.advertise
         self.rng = random.Random()
@@ -181,15 +181,6 @@ class SwarmPull:
         await self.close()
 
     # --- events ----------------------------------------------------------------------------
-
-    def _on_follower(self, image: Image, node_id: str, address: str, zone: str) -> None:
-        dl = self.downloads.get(image.digest)
-        if dl is not None:
-            dl.add_peer(node_id, address, zone)
-
-    def _known(self, image: Image, node_id: str) -> int | None:
-        dl = self.downloads.get(image.digest)
-        return None if dl is None else dl.known_have(node_id)
 
     def _on_have(self, image: Image, index: int) -> None:
         dl = self.downloads.get(image.digest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,26 @@ import msgpack
 from aiohttp import web
 from treeutil import build_manifest
 
-from distd.catalog import Catalog, Image
+from distd.catalog import Catalog
 from distd.peer_server import HaveHub
 from distd.store import ChunkStore
 from distd.swarm import bitfield
 
 CS = 64 << 10
+
+
+@dataclass
+class _Swarm:
+    """What `HaveHub` asks of a node's download of the image (see peer_server.Swarm)."""
+
+    known: dict[str, int]
+    followed_back: list[str] = field(default_factory=list)
+
+    def add_peer(self, node_id: str, address: str, zone: str) -> None:
+        self.followed_back.append(node_id)
+
+    def known_have(self, node_id: str) -> int | None:
+        return self.known.get(node_id)
 
 
 async def _messages(resp: aiohttp.ClientResponse) -> list[Any]:
@@ -39,13 +54,8 @@ async def test_followers_are_not_told_what_they_are_known_to_hold(tmp_path: Path
     image = catalog.add(manifest.digest, manifest)
     # As the daemon knows them from following each back: "some" holds chunk 1, "all"
     # holds every chunk, "new" is not followed (unknown).
-    known = {"some": 1 << 1, "all": bitfield.full(3)}
-
-    def held(img: Image, node: str) -> int | None:
-        assert img is image
-        return known.get(node)
-
-    hub = HaveHub(catalog, known=held)
+    swarm = _Swarm({"some": 1 << 1, "all": bitfield.full(3)})
+    hub = HaveHub(catalog, swarms={image.digest: swarm})
     app = web.Application()
     app.router.add_get("/v1/swarm/{image}/haves", hub.handle)
     runner = web.AppRunner(app, access_log=None)
@@ -57,7 +67,8 @@ async def test_followers_are_not_told_what_they_are_known_to_hold(tmp_path: Path
         async with aiohttp.ClientSession() as http:
             streams = {}
             for node in ("some", "all", "new"):
-                streams[node] = await http.get(url, params={"node": node})
+                params = {"node": node, "address": f"127.0.0.1:{port}"}
+                streams[node] = await http.get(url, params=params)
                 first = msgpack.unpackb(await streams[node].content.readany(), raw=False)
                 assert first == ["bitfield", bitfield.to_bytes(0, 3)]
             for chunk in manifest.chunks[:2]:
@@ -78,3 +89,4 @@ async def test_followers_are_not_told_what_they_are_known_to_hold(tmp_path: Path
     assert haves(got["new"]) == [0, 1] and busy(got["new"]) == 1
     assert haves(got["some"]) == [0] and busy(got["some"]) == 1  # it lacks chunk 0
     assert got["all"] == []  # it holds all we have: neither news is of use to it
+    assert swarm.followed_back == ["some", "all", "new"]  # each follower followed back
