@@ -4,9 +4,10 @@ Every node runs the real `distd.swarm.scheduler.Scheduler`; the seeder runs the 
 `SuperSeeder`; membership comes from the real `seeder.tracker.Tracker`, and each node
 follows at most `distd.engine.MAX_NEIGHBOURS` neighbours, as the daemon does. Only the
 network is modelled, at flow level: an uploader sends each of its transfers at an
-equal share of its cap, and a downloader reads each of its own at an equal share of
-its cap but no faster than the bytes are sent; what is sent and not yet read waits in
-socket buffers, so an upload (and its slot) ends at the uploader's pace, as over TCP.
+equal share of its cap, and a downloader reads its own one after another in its
+scheduler's `read_order` (rarest first), each no faster than the bytes are sent;
+what is sent and not yet read waits in socket buffers, so an upload (and its slot)
+ends at the uploader's pace, as over TCP.
 Rates are recomputed whenever a transfer starts or ends at either end (only the
 flows of those two nodes). A chunk becomes servable once wholly received; every
 message costs one `latency`. CPU is not modelled: a real run that is CPU-bound
@@ -304,31 +305,39 @@ class Simulation:
     def reshare(self, *ends: SimNode) -> None:
         """Recompute the rates of every flow touching these nodes.
 
-        A sending flow gets its uploader's equal share; the downloader reads each flow at
-        its own equal share, but no faster than the bytes are sent until they all are.
+        A sending flow gets its uploader's equal share. A downloader reads its flows in
+        its scheduler's `read_order` (then oldest first), as the daemon's ingress cap
+        serves them: each as fast as its bytes are sent (all at once once they are),
+        what is left of the cap to the next.
         """
         flows: set[Flow] = set()
         for n in ends:
             flows.update(n.ups)
             flows.update(n.downs.values())
-        for f in sorted(flows, key=lambda f: f.seq):
-            if f.done:
-                continue
+        readers = {f.dst for f in flows}
+        for d in readers:
+            flows.update(d.downs.values())
+        ordered = sorted(flows, key=lambda f: f.seq)
+        for f in ordered:
             dt = self.now - f.updated
             f.unsent = max(0.0, f.unsent - f.send_rate * dt)
             f.left -= f.rate * dt
             f.updated = self.now
-            read = f.dst.down / len(f.dst.downs)
-            if f in f.src.ups:
-                f.send_rate = f.src.up / len(f.src.ups)
-                f.rate = min(read, f.send_rate)
-            else:
-                f.send_rate, f.rate = 0.0, read
+            f.send_rate = f.src.up / len(f.src.ups) if f in f.src.ups else 0.0
+        for d in readers:
+            sched = d.sched
+            assert sched is not None
+            left = d.down
+            for f in sorted(d.downs.values(), key=lambda f: (sched.read_order(f.index), f.seq)):
+                f.rate = min(left, f.send_rate or math.inf)
+                left -= f.rate
+        for f in ordered:
             f.version += 1
             version = f.version
             if f.send_rate > 0:
                 self.at(self.now + f.unsent / f.send_rate, self._sender(f, version))
-            self.at(self.now + max(0.0, f.left) / f.rate, self._completer(f, version))
+            if f.rate > 0:
+                self.at(self.now + max(0.0, f.left) / f.rate, self._completer(f, version))
 
     def _sender(self, f: Flow, version: int) -> Callable[[], None]:
         return lambda: self.sent(f, version)

@@ -303,7 +303,7 @@ class SwarmDownload:
                 view[got : got + n] = piece
                 got += n
                 self.sched.on_progress(req.peer_id, req.index, loop.time())
-                await self.ctx.ingress.consume(n)
+                await self.ctx.ingress.consume(n, self.sched.read_order(req.index))
             if got != length:
                 raise ChunkError(f"peer sent {got} of the {length} bytes it announced")
         return body, encoding

@@ -3,7 +3,8 @@
 The bucket may go into debt: a caller takes its tokens at once and sleeps exactly
 as long as it takes the refill to pay the deficit back. So there are no polling
 quanta, a request larger than the burst cannot deadlock, and concurrent callers
-are served in arrival order at the configured aggregate rate.
+share the configured aggregate rate: while one pays off its debt, those who come
+wait their turn in order of a priority they give, then of arrival.
 
 Time is injectable (`clock`, `sleep`) so tests and the simulator can drive the
 bucket without real sleeps; by default it reads the running loop's clock.
@@ -12,6 +13,8 @@ bucket without real sleeps; by default it reads the running loop's clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 from collections.abc import Awaitable, Callable
 
 # Without an explicit burst the bucket holds this many seconds of traffic: enough
@@ -40,6 +43,9 @@ class TokenBucket:
         self._burst = 0.0
         self._tokens = 0.0
         self._last: float | None = None
+        self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = 0
+        self._paying = 0  # callers between taking their tokens and handing over
         self.set_rate(rate, burst)
         self._tokens = self._burst
 
@@ -94,13 +100,50 @@ class TokenBucket:
         if n > 0 and not self.unlimited:
             self._tokens = min(self._burst, self._tokens + n)
 
-    async def consume(self, n: int) -> None:
-        """Wait until `n` bytes may be sent at the configured rate."""
-        delay = self.reserve(n)
-        if delay <= 0:
+    async def consume(self, n: int, priority: float = 0.0) -> None:
+        """Wait until `n` bytes may be sent at the configured rate.
+
+        While one caller pays off a debt, the others wait their turn by `priority`
+        (lower first, then arrival): a node reads the chunk its neighbours lack before
+        the one they all hold, so the rare one is whole, and passed on, sooner.
+        """
+        if n <= 0 or self.unlimited:
             return
+        if self._waiting or self._paying:
+            self._seq += 1
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (priority, self._seq, turn)
+            heapq.heappush(self._waiting, entry)
+            try:
+                await turn  # the hand-over counts us as the payer
+            except asyncio.CancelledError:
+                if turn.cancelled():  # still waiting: leave the queue
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove(entry)
+                        heapq.heapify(self._waiting)
+                else:  # our turn came as we were cancelled: pass it on
+                    self._paying -= 1
+                    self._hand_over()
+                raise
+        else:
+            self._paying += 1
         try:
-            await self._sleep(delay)
-        except asyncio.CancelledError:
-            self.refund(n)
-            raise
+            delay = self.reserve(n)
+            if delay > 0:
+                try:
+                    await self._sleep(delay)
+                except asyncio.CancelledError:
+                    self.refund(n)
+                    raise
+        finally:
+            self._paying -= 1
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """The debt is paid (or its payer gone): the best waiter goes next."""
+        while self._waiting:
+            _, _, turn = heapq.heappop(self._waiting)
+            if not turn.done():
+                self._paying += 1
+                turn.set_result(None)
+                return

@@ -171,6 +171,18 @@ def test_rarest_chunk_is_picked_first_after_the_random_start() -> None:
     assert picked["b"] == 2  # rarest of what remains with b
 
 
+def test_the_rarest_transfer_is_read_first_and_the_order_follows_the_news() -> None:
+    sched = Scheduler([100] * 3)
+    sched.add_peer("a", have=0b011)
+    sched.add_peer("b", have=0b001)
+    sched.add_peer("s", is_seeder=True, have=0b111)  # a seeder is no neighbour to rank by
+    order = sorted(range(3), key=sched.read_order)
+    assert order == [2, 1, 0]
+    sched.peer_has("b", 2)
+    sched.peer_has("a", 2)
+    assert sorted(range(3), key=sched.read_order) == [1, 0, 2]
+
+
 def test_endgame_duplicates_a_late_last_request_and_cancels_the_loser() -> None:
     cfg = SchedulerConfig(per_peer_inflight=1, endgame_wait=2.0)
     sched = Scheduler([100] * 2, [0], config=cfg)

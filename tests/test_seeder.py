@@ -577,3 +577,58 @@ async def test_bucket_refunds_a_cancelled_wait() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert b.tokens == pytest.approx(0)
+
+
+async def test_bucket_serves_waiters_by_priority_then_arrival() -> None:
+    """While one caller pays off its debt, the rarest chunk's reader goes next; equal
+    priorities keep their order; the aggregate rate is the same."""
+    t = FakeTime()
+
+    async def sleep(seconds: float) -> None:
+        t.now += seconds
+        await asyncio.sleep(0)
+
+    b = TokenBucket(100, burst=0, clock=t.clock, sleep=sleep)
+    order: list[str] = []
+
+    async def take(name: str, priority: int) -> None:
+        await b.consume(50, priority)
+        order.append(name)
+
+    start = t.now
+    await asyncio.gather(
+        *(take(n, p) for n, p in [("first", 9), ("common", 5), ("rare", 1), ("common2", 5)])
+    )
+    assert order == ["first", "rare", "common", "common2"]
+    assert t.now - start == pytest.approx(2.0)  # 200 bytes at 100/s, reordered, not slowed
+
+
+async def test_bucket_waiters_cancelled_in_line_or_on_their_turn_pass_it_on() -> None:
+    t = FakeTime()
+    gate = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        t.now += seconds
+        await gate.wait()
+
+    b = TokenBucket(100, burst=0, clock=t.clock, sleep=sleep)
+    queued: list[asyncio.Future[None]] = []
+
+    async def pay() -> None:
+        await b.consume(50)
+        queued[0].cancel()  # its turn has just come, before it could run
+
+    start = t.now
+    payer = asyncio.ensure_future(pay())
+    await asyncio.sleep(0)
+    queued += [asyncio.ensure_future(b.consume(50, p)) for p in (1, 2, 3)]
+    await asyncio.sleep(0)
+    queued[1].cancel()  # in line
+    gate.set()
+    await payer
+    await queued[2]  # served: neither cancelled waiter left it stranded
+    for task in queued[:2]:
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert t.now - start == pytest.approx(1.0)  # paid for the two that went, no more
+    assert not b._waiting and not b._paying

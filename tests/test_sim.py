@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.sim import Flow, SimConfig, Simulation, simulate
+from distd.swarm.scheduler import Scheduler
 
 MiB = 1 << 20
 
@@ -55,14 +56,19 @@ def test_a_seed_gives_one_result() -> None:
         assert a[key] == b[key]
 
 
-def test_an_upload_ends_at_the_senders_pace() -> None:
-    """A node reads two chunks at once, each at half its rate; each sender's upload (and
-    its slot) still ends after size / its own rate, the bytes waiting in socket buffers,
-    and the chunks land once read: as over TCP, where the daemon's slot frees when the
-    last byte is written."""
+@pytest.mark.parametrize("neighbour_holds, first", [(None, 0), (0, 1), (1, 0)])
+def test_an_upload_ends_at_the_senders_pace(neighbour_holds: int | None, first: int) -> None:
+    """A node is sent two chunks at once; each sender's upload (and its slot) ends after
+    size / its own rate, the bytes waiting in socket buffers, as over TCP, where the
+    daemon's slot frees when the last byte is written. The node reads one at its full
+    rate, the rarer among its neighbours (the older on a tie), then the other: one
+    lands after one chunk time, not both after two."""
     sim = Simulation(SimConfig(nodes=3, size=2 * MiB, chunk_size=MiB, rate=MiB, latency=0.0))
     sim.events.clear()  # no joins: the flows below are all there is
     reader, other = sim.nodes["n0"], sim.nodes["n1"]
+    reader.sched = Scheduler(sim.sizes)
+    if neighbour_holds is not None:
+        reader.sched.add_peer("n2", have=1 << neighbour_holds)
     flows = [Flow(sim.seeder, reader, 0, MiB, MiB, seq=1), Flow(other, reader, 1, MiB, MiB, seq=2)]
     for f in flows:
         f.src.ups.add(f)
@@ -70,8 +76,12 @@ def test_an_upload_ends_at_the_senders_pace() -> None:
     landed: dict[int, float] = {}
 
     def lands(f: Flow, version: int) -> None:
-        if version == f.version:
+        if version == f.version:  # as Simulation.complete, without the scheduler
             landed.setdefault(f.index, sim.now)
+            f.done = True
+            f.src.ups.discard(f)
+            reader.downs.pop((f.src.node_id, f.index))
+            sim.reshare(f.src, reader)
 
     sim.complete = lands  # type: ignore[method-assign]
     sim.reshare(sim.seeder, other, reader)
@@ -84,4 +94,4 @@ def test_an_upload_ends_at_the_senders_pace() -> None:
             if not n.ups:
                 freed.setdefault(n.node_id, t)
     assert freed == {"seeder": pytest.approx(1.0), "n1": pytest.approx(1.0)}
-    assert landed == {0: pytest.approx(2.0), 1: pytest.approx(2.0)}
+    assert landed == {first: pytest.approx(1.0), 1 - first: pytest.approx(2.0)}

@@ -160,6 +160,14 @@ class Scheduler:
             return False
         return now >= peer.ready_at or not peer.have & ~(1 << index) & self.missing
 
+    def read_order(self, index: int) -> int:
+        """Which of the transfers under way to read first, lowest first (the driver's
+        ingress cap decides when several wait): the chunk fewest neighbours hold, as
+        the picker ranks them. That one is whole, and passed on, a chunk time sooner
+        than if both were read at half rate; the common one waits in socket buffers.
+        bench/sim.py, 4 MiB: p50 over T_min 1.286 against 1.363 at N=1,000."""
+        return self.availability[index]
+
     def peer_busy(self, peer_id: str, seconds: float, now: float) -> None:
         """A neighbour announced that all its upload slots are taken for about `seconds`
         (on its have-stream, as an upload starts): not asked until then, so no request
