@@ -9,9 +9,10 @@ scheduler's `read_order` (rarest first), each no faster than the bytes are sent;
 what is sent and not yet read waits in socket buffers, so an upload (and its slot)
 ends at the uploader's pace, as over TCP.
 Rates are recomputed whenever a transfer starts or ends at either end (only the
-flows of those two nodes). A chunk becomes servable once wholly received; every
-message costs one `latency`. CPU is not modelled: a real run that is CPU-bound
-is slower than the sim for that reason alone.
+flows of those two nodes, and the other reads of the nodes they send to). A chunk
+becomes servable once wholly received; every message costs one `latency`. CPU is
+not modelled: a real run that is CPU-bound is slower than the sim for that reason
+alone.
 
 What it costs: every busy answer is a scheduler decision over the asker's
 neighbours, so wall time grows with N x chunks x neighbours. Busy answers are
