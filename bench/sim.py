@@ -2,12 +2,12 @@
 
 Every node runs the real `distd.swarm.scheduler.Scheduler`; the seeder runs the real
 `SuperSeeder`; membership comes from the real `seeder.tracker.Tracker`, and each node
-follows at most `distd.engine.MAX_NEIGHBOURS` neighbours, as the daemon does. Only the
-network is modelled, at flow level: an uploader sends each of its transfers at an
-equal share of its cap, and a downloader reads its own one after another in its
-scheduler's `read_order` (rarest first), each no faster than the bytes are sent;
-what is sent and not yet read waits in socket buffers, so an upload (and its slot)
-ends at the uploader's pace, as over TCP.
+follows and is followed by at most `distd.peer_server.MAX_NEIGHBOURS` neighbours, as
+in the daemon. Only the network is modelled, at flow level: an uploader sends each of
+its transfers at an equal share of its cap, and a downloader reads its own one after
+another in its scheduler's `read_order` (rarest first), each no faster than the bytes
+are sent; what is sent and not yet read waits in socket buffers, so an upload (and its
+slot) ends at the uploader's pace, as over TCP.
 Rates are recomputed whenever a transfer starts or ends at either end (only the
 flows of those two nodes, and the other reads of the nodes they send to). A chunk
 becomes servable once wholly received; every message costs one `latency`. CPU is
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from distd.engine import MAX_NEIGHBOURS
+from distd.peer_server import MAX_NEIGHBOURS
 from distd.swarm.peers import Failure
 from distd.swarm.picker import RarestFirst
 from distd.swarm.scheduler import Request, Scheduler, SchedulerConfig
@@ -205,7 +205,7 @@ class Simulation:
         """`node` subscribes to `peer`'s haves; the peer follows back (as HaveHub does)."""
         if peer.node_id in node.following or peer is node:
             return
-        if len(node.following) >= MAX_NEIGHBOURS or len(peer.followers) >= MAX_NEIGHBOURS * 2:
+        if len(node.following) >= MAX_NEIGHBOURS or len(peer.followers) >= MAX_NEIGHBOURS:
             return
         node.following[peer.node_id] = None
         peer.followers[node.node_id] = None

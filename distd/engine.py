@@ -20,7 +20,7 @@ import msgpack
 
 from distd.catalog import Image
 from distd.metrics import Metrics
-from distd.peer_server import H_DEFERRED, H_RETRY_MS, MAX_BUSY_MS
+from distd.peer_server import H_DEFERRED, H_RETRY_MS, MAX_BUSY_MS, MAX_NEIGHBOURS
 from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore
 from distd.swarm import bitfield
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 SEEDER_ID = "seeder"
 # How long a follower waits before reconnecting to a neighbour whose stream broke.
 REFOLLOW_SECONDS = 2.0
-# Neighbours followed per image: the tracker's sample plus those who follow us back.
-MAX_NEIGHBOURS = 80
 
 
 @dataclass(eq=False)
