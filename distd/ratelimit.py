@@ -20,6 +20,10 @@ from collections.abc import Awaitable, Callable
 # Without an explicit burst the bucket holds this many seconds of traffic: enough
 # to absorb scheduling jitter, small enough that a cap is a cap from the first second.
 DEFAULT_BURST_SECONDS = 0.1
+# How long the turn is kept for a stream that has just paid and outranks every waiter,
+# for its next slice to come back (the socket's next read): far less than a slice's
+# time at any cap, and no rate is lost, the bucket filling meanwhile.
+HANDOVER_GRACE = 0.002
 
 
 def _loop_time() -> float:
@@ -46,6 +50,8 @@ class TokenBucket:
         self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = 0
         self._paying = 0  # callers between taking their tokens and handing over
+        self._handing_over = False  # a hand-over is scheduled
+        self._grace: asyncio.TimerHandle | None = None
         self.set_rate(rate, burst)
         self._tokens = self._burst
 
@@ -114,6 +120,9 @@ class TokenBucket:
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             entry = (priority, self._seq, turn)
             heapq.heappush(self._waiting, entry)
+            if self._grace is not None and self._waiting[0] is entry:
+                self._grace.cancel()  # the turn was kept for us: take it now
+                self._hand_over()
             try:
                 await turn  # the hand-over counts us as the payer
             except asyncio.CancelledError:
@@ -123,7 +132,7 @@ class TokenBucket:
                         heapq.heapify(self._waiting)
                 else:  # our turn came as we were cancelled: pass it on
                     self._paying -= 1
-                    self._hand_over()
+                    self._hand_over_soon(None)
                 raise
         else:
             self._paying += 1
@@ -137,10 +146,29 @@ class TokenBucket:
                     raise
         finally:
             self._paying -= 1
-            self._hand_over()
+            self._hand_over_soon(priority)
 
-    def _hand_over(self) -> None:
-        """The debt is paid (or its payer gone): the best waiter goes next."""
+    def _hand_over_soon(self, last: float | None) -> None:
+        """The debt is paid (or its payer gone): choose who goes next once the payer has
+        had its chance to queue again. A stream pays slice after slice; chosen at once,
+        the next payer would be picked while the one that just paid is not yet back in
+        line, and two streams would take turns whatever their priorities."""
+        if not self._handing_over:
+            self._handing_over = True
+            asyncio.get_running_loop().call_soon(self._hand_over, last)
+
+    def _hand_over(self, last: float | None = None) -> None:
+        """The best waiter goes next; but if the payer that just finished (`last`, its
+        priority) outranks them all, its turn is kept for HANDOVER_GRACE first."""
+        self._handing_over = False
+        self._grace = None
+        if self._paying:
+            return  # someone found the line empty and pays: its own hand-over follows
+        if last is not None and self._waiting and last < self._waiting[0][0]:
+            self._handing_over = True
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(HANDOVER_GRACE, self._hand_over)
+            return
         while self._waiting:
             _, _, turn = heapq.heappop(self._waiting)
             if not turn.done():

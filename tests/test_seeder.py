@@ -603,6 +603,30 @@ async def test_bucket_serves_waiters_by_priority_then_arrival() -> None:
     assert t.now - start == pytest.approx(2.0)  # 200 bytes at 100/s, reordered, not slowed
 
 
+async def test_bucket_priority_holds_for_streams_paying_slice_after_slice() -> None:
+    """Two transfers read at once, each slice paid as it comes: the rarer is whole after
+    its own bytes' time, not after both (turn-taking would finish them together)."""
+    t = FakeTime()
+
+    async def sleep(seconds: float) -> None:
+        t.now += seconds
+        await asyncio.sleep(0)
+
+    b = TokenBucket(100, burst=0, clock=t.clock, sleep=sleep)
+    whole: dict[str, float] = {}
+
+    async def stream(name: str, priority: int) -> None:
+        for _ in range(20):
+            await b.consume(5, priority)
+            await asyncio.sleep(0)  # the socket's next read
+        whole[name] = t.now - start
+
+    start = t.now
+    await asyncio.gather(stream("common", 5), stream("rare", 1))
+    assert whole["rare"] == pytest.approx(1.05)  # one slice of "common" went first
+    assert whole["common"] == pytest.approx(2.0)  # 200 bytes at 100/s: nothing lost
+
+
 async def test_bucket_waiters_cancelled_in_line_or_on_their_turn_pass_it_on() -> None:
     t = FakeTime()
     gate = asyncio.Event()
