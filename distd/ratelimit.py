@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 # to absorb scheduling jitter, small enough that a cap is a cap from the first second.
 DEFAULT_BURST_SECONDS = 0.1
 # How long the turn is kept for a stream that has just paid and outranks every waiter,
-# for its next slice to come back (the socket's next read): far less than a slice's
-# time at any cap, and no rate is lost, the bucket filling meanwhile.
+# for its next slice to come back (the socket's next read). Far less than the burst, so
+# the bucket fills meanwhile and no rate is lost.
 HANDOVER_GRACE = 0.002
 
 
