@@ -507,6 +507,11 @@ class FakeTime:
         self.sleeps.append(seconds)
         self.now += seconds
 
+    async def sleep_and_yield(self, seconds: float) -> None:
+        """As `sleep`, but lets other tasks run, as a real sleep would."""
+        await self.sleep(seconds)
+        await asyncio.sleep(0)
+
 
 def test_bucket_reserve_is_exact() -> None:
     t = FakeTime()
@@ -584,11 +589,7 @@ async def test_bucket_serves_waiters_by_priority_then_arrival() -> None:
     priorities keep their order; the aggregate rate is the same."""
     t = FakeTime()
 
-    async def sleep(seconds: float) -> None:
-        t.now += seconds
-        await asyncio.sleep(0)
-
-    b = TokenBucket(100, burst=0, clock=t.clock, sleep=sleep)
+    b = TokenBucket(100, burst=0, clock=t.clock, sleep=t.sleep_and_yield)
     order: list[str] = []
 
     async def take(name: str, priority: int) -> None:
@@ -608,11 +609,7 @@ async def test_bucket_priority_holds_for_streams_paying_slice_after_slice() -> N
     its own bytes' time, not after both (turn-taking would finish them together)."""
     t = FakeTime()
 
-    async def sleep(seconds: float) -> None:
-        t.now += seconds
-        await asyncio.sleep(0)
-
-    b = TokenBucket(100, burst=0, clock=t.clock, sleep=sleep)
+    b = TokenBucket(100, burst=0, clock=t.clock, sleep=t.sleep_and_yield)
     whole: dict[str, float] = {}
 
     async def stream(name: str, priority: int) -> None:
