@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 SEEDER_ID = "seeder"
 # How long a follower waits before reconnecting to a neighbour whose stream broke.
 REFOLLOW_SECONDS = 2.0
+# What a download connection may buffer before reading pauses (aiohttp's default is 64
+# KiB): with more, a chunk arrives in fewer, larger pieces, each a wake-up of this
+# process, and the socket is not paused and resumed every few pieces.
+READ_BUFSIZE = 1 << 20
 
 
 @dataclass(eq=False)
