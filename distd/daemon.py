@@ -23,7 +23,7 @@ from aiohttp import web
 
 from distd import materialize
 from distd.catalog import Catalog, Image, State
-from distd.engine import READ_BUFSIZE, EngineContext, SwarmDownload
+from distd.engine import EngineContext, SwarmDownload, peer_session
 from distd.httpserver import advertised_address, middlewares, respond, serve
 from distd.metrics import CONTENT_TYPE, Metrics
 from distd.peer_server import ChunkServer, HaveHub, add_peer_routes
@@ -182,10 +182,7 @@ class Daemon:
             )
             ready.set()
 
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=16, ttl_dns_cache=300, ssl=self.cfg.client_ssl
-        )
-        async with aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFSIZE) as session:
+        async with peer_session(self.cfg.client_ssl) as session:
             self.session = session
             self.client = SeederClient(
                 self.cfg.seeder, session=session, cluster_token=self.cfg.cluster_token

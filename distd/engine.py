@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,13 @@ REFOLLOW_SECONDS = 2.0
 # KiB): with more, a chunk arrives in fewer, larger pieces, each a wake-up of this
 # process, and the socket is not paused and resumed every few pieces.
 READ_BUFSIZE = 1 << 20
+
+
+def peer_session(client_ssl: ssl.SSLContext | bool) -> aiohttp.ClientSession:
+    """The connection pool a node (daemon or `distd pull`) reaches the seeder and its
+    neighbours through; call it with the event loop running."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=16, ttl_dns_cache=300, ssl=client_ssl)
+    return aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFSIZE)
 
 
 @dataclass(eq=False)

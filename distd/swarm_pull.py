@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from distd.catalog import Catalog, Image
-from distd.engine import READ_BUFSIZE, EngineContext, SwarmDownload
+from distd.engine import EngineContext, SwarmDownload, peer_session
 from distd.httpserver import BACKLOG, IDLE_TIMEOUT, advertised_address, middlewares
 from distd.metrics import Metrics
 from distd.peer_server import ChunkServer, HaveHub, add_peer_routes
@@ -128,10 +128,7 @@ class SwarmPull:
         return app
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=16, ttl_dns_cache=300, ssl=self.cfg.client_ssl
-        )
-        self._session = aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFSIZE)
+        self._session = peer_session(self.cfg.client_ssl)
         self._client = SeederClient(
             self.cfg.seeder, session=self._session, cluster_token=self.cfg.cluster_token
         )
