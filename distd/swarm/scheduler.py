@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from distd.swarm import bitfield
+from distd.swarm.holds import Holds
 from distd.swarm.peers import Failure, PeerState, Penalties, preference
 from distd.swarm.picker import Picker, RarestFirst
 
@@ -88,6 +89,8 @@ class Scheduler:
         self.picker: Picker = picker or RarestFirst()
         self.rng = rng or random.Random()
         self.peers: dict[str, PeerState] = {}
+        self.holds = Holds()  # the same peers, the held-off ones apart
+        self.withholding: dict[str, PeerState] = {}  # peers with deferred chunks
         # Bans outlive a neighbour's departure: a liar that drops its have-stream and is
         # followed again (named by the tracker, or following us) must not start afresh.
         self.bans: dict[str, tuple[int, float]] = {}  # peer id -> (corrupt, banned_until)
@@ -113,7 +116,7 @@ class Scheduler:
         return self.have.bit_count()
 
     def in_endgame(self) -> bool:
-        return not self.complete and self.missing & ~self.pending_bits == 0
+        return self.have != self.all and self.all & ~self.have & ~self.pending_bits == 0
 
     # --- events -----------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ class Scheduler:
             peer = self.peers[peer_id] = PeerState(peer_id, zone, is_seeder)
             peer.corrupt, banned_until = self.bans.get(peer_id, (0, 0.0))
             peer.hold(banned_until=banned_until)
+            self.holds.recheck(peer)
         self._set_have(peer, have & self.all)
 
     def remove_peer(self, peer_id: str) -> list[Request]:
@@ -133,6 +137,8 @@ class Scheduler:
         peer = self.peers.pop(peer_id, None)
         if peer is None:
             return []
+        self.holds.remove(peer_id)
+        self.withholding.pop(peer_id, None)
         if peer.corrupt:
             self.bans[peer_id] = (peer.corrupt, peer.banned_until)
         self._set_have(peer, 0)
@@ -213,7 +219,9 @@ class Scheduler:
             self._set_have(peer, peer.have & ~(1 << index))
         elif reason is Failure.DEFERRED:
             peer.withheld[index] = now + self.config.penalties.defer_seconds
+            self.withholding[peer_id] = peer
         peer.record_failure(reason, now, self.config.penalties, self.rng, retry_after)
+        self.holds.recheck(peer)  # a new backoff may end sooner than a busy hold
 
     def expire(self, now: float) -> list[Request]:
         """Requests past their deadline: counted as timeouts and returned for cancelling.
@@ -250,7 +258,8 @@ class Scheduler:
 
         Peers are visited best first (see `preference`, random within a rank), drawn
         lazily: a node with one free slot and eighty neighbours usually needs one or
-        two of them, and this runs after every busy answer.
+        two of them, and this runs after every busy answer. Held-off peers are not
+        visited at all (see `Holds`).
         """
         cfg = self.config
         stalled = [r for r in self._requests() if self._stalled_at(r) <= now]
@@ -261,8 +270,8 @@ class Scheduler:
         missing = self.missing
         ranks: dict[tuple[bool, bool, int], list[PeerState]] = {}
         reachable = 0
-        for p in self.peers.values():
-            if p.have & missing and now >= p.ready_at:  # p.usable(now), inlined: hot
+        for p in self.holds.usable(now):
+            if p.have & missing:
                 if not p.is_seeder and p.peer_id not in stuck:
                     reachable |= p.have
                 ranks.setdefault(preference(p, cfg.my_zone), []).append(p)
@@ -332,11 +341,13 @@ class Scheduler:
             if self.in_endgame():
                 limit = self.config.endgame_duplicates
                 times += [self._hedge_at(i) for i, r in self.pending.items() if len(r) < limit]
-            for p in self.peers.values():  # runs after every busy answer: kept lean
-                if p.have & missing and p.ready_at > now:  # not usable(now)
-                    times.append(p.ready_at)
-                if p.withheld:
-                    times += [t for i, t in p.withheld.items() if bitfield.has(missing, i)]
+            ready = self.holds.next_ready(now, missing)
+            if ready is not None:
+                times.append(ready)
+            for p in list(self.withholding.values()):
+                if not p.withheld:
+                    del self.withholding[p.peer_id]
+                times += [t for i, t in p.withheld.items() if bitfield.has(missing, i)]
         future = [t for t in times if t > now]
         return min(future) if future else None
 
@@ -348,10 +359,11 @@ class Scheduler:
 
     def _limit(self) -> int:
         """Requests allowed in flight now (see SchedulerConfig.max_inflight, first_chunks)."""
-        cfg = self.config
-        if self.in_endgame():
+        cfg = self.config  # runs for every peer visited in a decision: properties inlined
+        have = self.have
+        if have != self.all and self.all & ~have & ~self.pending_bits == 0:  # in_endgame()
             return max(cfg.max_inflight, cfg.endgame_duplicates)  # room for a hedge
-        if self.held >= cfg.first_chunks:
+        if have.bit_count() >= cfg.first_chunks:
             return cfg.max_inflight
         if self.stalled:
             # One at a time lands the first chunk sooner only if that one moves; tried one
