@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from distd.swarm import bitfield
 from distd.swarm.peers import Failure
-from distd.swarm.picker import RarestFirst
 from distd.swarm.scheduler import Request, Scheduler, SchedulerConfig
 
 BEHAVIOURS = ["good", "good", "slow", "busy", "corrupt", "liar", "staller", "flaky"]
@@ -157,11 +156,10 @@ def test_seeder_is_asked_only_for_what_no_neighbour_holds() -> None:
     assert all(r.peer_id == "seed" for r in more)
 
 
-def test_rarest_chunk_is_picked_first_after_the_random_start() -> None:
+def test_rarest_chunk_is_picked_first_from_the_first_chunk_on() -> None:
     sched = Scheduler(
         [100] * 4, config=SchedulerConfig(per_peer_inflight=1, max_inflight=3, first_chunks=0)
     )
-    sched.picker = RarestFirst(random_first=0)
     sched.add_peer("a", have=0b1111)
     sched.add_peer("b", have=0b0111)
     sched.add_peer("c", have=0b0011)

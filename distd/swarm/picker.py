@@ -36,14 +36,21 @@ class RandomPicker:
 
 
 class RarestFirst:
-    """Random for the first few chunks (something to trade quickly), then rarest first.
+    """Rarest first, from the first chunk on (optionally random for the first few).
+
+    BitTorrent picks its first pieces at random so that a new peer has something to
+    trade quickly. Here a peer is chosen first and then the rarest chunk it holds, so
+    a new node gets its first chunk as soon as any neighbour is free; picked at
+    random, the first chunks of a whole starting fleet were the oldest ones, which
+    everyone soon held and no one needed from anyone. bench/sim.py, N=1,000, seeds 1
+    and 2: max over T_min 1.332 and 1.332 with none random, 1.440 and 1.395 with four.
 
     Ties are broken at random so that neighbours starting together spread out.
     With `sample`, only that many random candidates are compared: the simulator's
     cost stays flat for images of thousands of chunks while staying close to exact.
     """
 
-    def __init__(self, random_first: int = 4, sample: int | None = None) -> None:
+    def __init__(self, random_first: int = 0, sample: int | None = None) -> None:
         self.random_first = random_first
         self.sample = sample
 
