@@ -262,7 +262,9 @@ class Scheduler:
         visited at all (see `Holds`).
         """
         cfg = self.config
-        stalled = [r for r in self._requests() if self._stalled_at(r) <= now]
+        stalled = [
+            r for reqs in self.pending.values() for r in reqs.values() if self._stalled_at(r) <= now
+        ]
         self.stalled = len(stalled)
         stuck = {r.peer_id for r in stalled}  # as good as busy: do not count on them
         if self.complete or self._free() <= 0:
@@ -333,8 +335,10 @@ class Scheduler:
     def next_wakeup(self, now: float) -> float | None:
         """The earliest future moment something changes without an event: a deadline, a
         backoff ending, a request turning late enough to hedge."""
-        times = [r.deadline for r in self._requests()]
-        times += [self._stalled_at(r) for r in self._requests()]
+        times: list[float] = []
+        for reqs in self.pending.values():  # runs on every wake-up: no generators
+            for r in reqs.values():
+                times += (r.deadline, self._stalled_at(r))
         if self.inflight < self._limit():
             # Backoffs and deferrals matter only while a request slot is free.
             missing = self.missing
