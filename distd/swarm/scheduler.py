@@ -380,10 +380,6 @@ class Scheduler:
         per_peer = cfg.per_seeder_inflight if peer.is_seeder else cfg.per_peer_inflight
         return min(per_peer - len(peer.inflight), self._free())
 
-    def _requests(self) -> Iterator[Request]:
-        for reqs in self.pending.values():
-            yield from reqs.values()
-
     def _stalled_at(self, r: Request) -> float:
         """When request `r` counts as stalled (see SchedulerConfig.stall_slack)."""
         cfg = self.config
