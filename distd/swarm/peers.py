@@ -82,10 +82,9 @@ class PeerState:
     ) -> None:
         """The peer said its upload slots are taken for about `seconds`: skip it until then."""
         until = now + min(penalties.max_busy_backoff, max(0.0, seconds))
-        until += penalties.busy_spread * rng.random()
-        if until > self.blocked_until:  # `hold`, inlined: every follower hears every upload
-            self.blocked_until = until
-            self.ready_at = max(until, self.banned_until)
+        self.hold(
+            blocked_until=max(self.blocked_until, until + penalties.busy_spread * rng.random())
+        )
 
     def record_success(self, nbytes: int, elapsed: float) -> None:
         self.failures = 0

@@ -116,6 +116,7 @@ class Scheduler:
         return self.have.bit_count()
 
     def in_endgame(self) -> bool:
+        # Without the properties: runs for every peer a decision visits (via _limit).
         return self.have != self.all and self.all & ~self.have & ~self.pending_bits == 0
 
     # --- events -----------------------------------------------------------------------
@@ -363,11 +364,10 @@ class Scheduler:
 
     def _limit(self) -> int:
         """Requests allowed in flight now (see SchedulerConfig.max_inflight, first_chunks)."""
-        cfg = self.config  # runs for every peer visited in a decision: properties inlined
-        have = self.have
-        if have != self.all and self.all & ~have & ~self.pending_bits == 0:  # in_endgame()
+        cfg = self.config
+        if self.in_endgame():
             return max(cfg.max_inflight, cfg.endgame_duplicates)  # room for a hedge
-        if have.bit_count() >= cfg.first_chunks:
+        if self.held >= cfg.first_chunks:
             return cfg.max_inflight
         if self.stalled:
             # One at a time lands the first chunk sooner only if that one moves; tried one
