@@ -20,6 +20,7 @@ import aiohttp
 import msgpack
 
 from distd.catalog import Image
+from distd.directio import aligned_buffer
 from distd.metrics import Metrics
 from distd.peer_server import H_DEFERRED, H_RETRY_MS, MAX_BUSY_MS, MAX_NEIGHBOURS
 from distd.ratelimit import TokenBucket
@@ -272,7 +273,7 @@ class SwarmDownload:
 
     async def _download(
         self, link: PeerLink, req: Request, digest: str, size: int
-    ) -> tuple[bytearray, Encoding]:
+    ) -> tuple[memoryview, Encoding]:
         chunk_limit = max(size, self.image.manifest.chunk_map()[digest].stored_size)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
         url = f"{link.url}/v1/chunks/{digest}"
@@ -301,16 +302,18 @@ class SwarmDownload:
             if length > chunk_limit:
                 raise ChunkError(f"peer offers {length} bytes for a smaller chunk")
             # One buffer of the announced size, filled with whatever the socket gave: no
-            # joining of slices, no final copy (the store keeps this very object).
-            body = bytearray(length)
-            view = memoryview(body)
+            # joining of slices, no final copy (the store keeps this very object), and
+            # aligned so that the store and the image write it to disk from where it is.
+            body = aligned_buffer(length)
             got = 0
             loop = asyncio.get_running_loop()
-            async for piece in resp.content.iter_any():
+            # iter_chunks, not iter_any: one buffer as the parser made it, where iter_any
+            # joins whatever has queued into a fresh copy.
+            async for piece, _ in resp.content.iter_chunks():
                 n = len(piece)
                 if got + n > length:
                     raise ChunkError("peer sent more bytes than it announced")
-                view[got : got + n] = piece
+                body[got : got + n] = piece
                 got += n
                 self.sched.on_progress(req.peer_id, req.index, loop.time())
                 await self.ctx.ingress.consume(n, self.sched.read_order(req.index))

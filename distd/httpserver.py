@@ -24,7 +24,7 @@ from aiohttp.typedefs import Middleware
 
 from distd.ratelimit import TokenBucket
 from manifests import wire
-from manifests.chunking import ChunkError
+from manifests.chunking import ChunkBytes, ChunkError
 from manifests.model import ManifestError
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
 
 async def send_bytes(
     request: web.Request,
-    data: bytes | bytearray,
+    data: ChunkBytes,
     *,
     headers: Mapping[str, str] | None = None,
     content_type: str = "application/octet-stream",

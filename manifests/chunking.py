@@ -19,9 +19,10 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_ZSTD_LEVEL = 3
 
 
-# A chunk's bytes as they travel: a receiver fills one preallocated bytearray and hands
-# it on (store, stager, upload) without copying it into a bytes object.
-ChunkBytes = bytes | bytearray
+# A chunk's bytes as they travel: a receiver fills one preallocated buffer (a view of a
+# bytearray, aligned for direct I/O) and hands it on (store, stager, upload) without
+# copying it into a bytes object.
+ChunkBytes = bytes | bytearray | memoryview
 
 
 class ChunkError(ValueError):
