@@ -23,6 +23,7 @@ from aiohttp import web
 
 from distd import materialize
 from distd.catalog import Catalog, Image, State
+from distd.chunk_client import ChunkClient
 from distd.engine import EngineContext, SwarmDownload, peer_session
 from distd.httpserver import advertised_address, middlewares, respond, serve
 from distd.metrics import CONTENT_TYPE, Metrics
@@ -89,6 +90,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.announce_now = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
+        self.chunk_client = ChunkClient(config.client_ssl)
         self.client: SeederClient | None = None
         self.rng = random.Random()
 
@@ -216,6 +218,7 @@ class Daemon:
                 for t in [*loops, *self.workers.values()]:
                     t.cancel()
                 await asyncio.gather(*loops, *self.workers.values(), return_exceptions=True)
+                self.chunk_client.close()
 
     # --- assignments -----------------------------------------------------------------------
 
@@ -323,6 +326,7 @@ class Daemon:
             rng=self.rng,
             headers=wire.cluster_headers(self.cfg.cluster_token),
             scheme=self.scheme,
+            chunks=self.chunk_client,
         )
 
     async def _pull(self, image: Image) -> None:

@@ -20,6 +20,7 @@ import aiohttp
 import msgpack
 
 from distd.catalog import Image
+from distd.chunk_client import ChunkClient
 from distd.directio import aligned_buffer
 from distd.metrics import Metrics
 from distd.peer_server import H_DEFERRED, H_RETRY_MS, MAX_BUSY_MS, MAX_NEIGHBOURS
@@ -34,20 +35,22 @@ from manifests.model import Encoding
 
 log = logging.getLogger(__name__)
 
+# Response headers as the chunk client gives them (names in lower case).
+_H_DEFERRED = H_DEFERRED.lower()
+_H_RETRY_MS = H_RETRY_MS.lower()
+_H_ENCODING = wire.H_ENCODING.lower()
+
 SEEDER_ID = "seeder"
 # How long a follower waits before reconnecting to a neighbour whose stream broke.
 REFOLLOW_SECONDS = 2.0
-# What a download connection may buffer before reading pauses (aiohttp's default is 64
-# KiB): with more, a chunk arrives in fewer, larger pieces, each a wake-up of this
-# process, and the socket is not paused and resumed every few pieces.
-READ_BUFSIZE = 1 << 20
 
 
 def peer_session(client_ssl: ssl.SSLContext | bool) -> aiohttp.ClientSession:
-    """The connection pool a node (daemon or `distd pull`) reaches the seeder and its
-    neighbours through; call it with the event loop running."""
+    """The connection pool a node (daemon or `distd pull`) reaches the seeder's API and
+    its neighbours' have-streams through (chunks: `ChunkClient`); call it with the event
+    loop running."""
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=16, ttl_dns_cache=300, ssl=client_ssl)
-    return aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFSIZE)
+    return aiohttp.ClientSession(connector=connector)
 
 
 @dataclass(eq=False)
@@ -76,6 +79,7 @@ class EngineContext:
     scheme: str = "http"  # of peer URLs: "https" in a fleet that serves TLS
     p2p: bool = True
     rng: random.Random = field(default_factory=random.Random)
+    chunks: ChunkClient = field(default_factory=ChunkClient)  # chunk GETs, to any peer
 
 
 def have_stream_decoder(n: int) -> msgpack.Unpacker:
@@ -275,25 +279,24 @@ class SwarmDownload:
         self, link: PeerLink, req: Request, digest: str, size: int
     ) -> tuple[memoryview, Encoding]:
         chunk_limit = max(size, self.image.manifest.chunk_map()[digest].stored_size)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)
         url = f"{link.url}/v1/chunks/{digest}"
         if not self.ctx.p2p:
             url += "?direct=1"
         elif link.is_seeder:
             # For super-seeding: which image this chunk is for, and how many it has.
             url += f"?image={self.image.digest}&chunks={len(self.digests)}"
-        async with self.ctx.session.get(url, headers=self.ctx.headers, timeout=timeout) as resp:
+        async with self.ctx.chunks.get(url, self.ctx.headers) as resp:
             if resp.status == 503:
-                if resp.headers.get(H_DEFERRED) == "1":
+                if resp.headers.get(_H_DEFERRED) == "1":
                     raise _Refused(Failure.DEFERRED)
-                hint = resp.headers.get(H_RETRY_MS, "")
+                hint = resp.headers.get(_H_RETRY_MS, "")
                 raise _Refused(Failure.BUSY, int(hint) / 1000 if hint.isdigit() else None)
             if resp.status == 404:
                 raise _Refused(Failure.MISSING)
             if resp.status != 200:
                 raise _Refused(Failure.ERROR)
             try:
-                encoding = Encoding(resp.headers.get(wire.H_ENCODING, ""))
+                encoding = Encoding(resp.headers.get(_H_ENCODING, ""))
             except ValueError:
                 raise ChunkError("peer sent an unknown chunk encoding") from None
             length = resp.content_length
@@ -301,24 +304,15 @@ class SwarmDownload:
                 raise ChunkError("peer sent a chunk without a Content-Length")
             if length > chunk_limit:
                 raise ChunkError(f"peer offers {length} bytes for a smaller chunk")
-            # One buffer of the announced size, filled with whatever the socket gave: no
-            # joining of slices, no final copy (the store keeps this very object), and
-            # aligned so that the store and the image write it to disk from where it is.
+            # One buffer of the announced size, which the socket fills itself (see
+            # chunk_client): the store keeps this very object, and it is aligned so that
+            # the store and the image write it to disk from where it is.
             body = aligned_buffer(length)
-            got = 0
             loop = asyncio.get_running_loop()
-            # iter_chunks, not iter_any: one buffer as the parser made it, where iter_any
-            # joins whatever has queued into a fresh copy.
-            async for piece, _ in resp.content.iter_chunks():
-                n = len(piece)
-                if got + n > length:
-                    raise ChunkError("peer sent more bytes than it announced")
-                body[got : got + n] = piece
-                got += n
-                self.sched.on_progress(req.peer_id, req.index, loop.time())
-                await self.ctx.ingress.consume(n, self.sched.read_order(req.index))
-            if got != length:
-                raise ChunkError(f"peer sent {got} of the {length} bytes it announced")
+            async with contextlib.aclosing(resp.read_into(body)) as arrivals:
+                async for n in arrivals:
+                    self.sched.on_progress(req.peer_id, req.index, loop.time())
+                    await self.ctx.ingress.consume(n, self.sched.read_order(req.index))
         return body, encoding
 
     # --- the loop ----------------------------------------------------------------------------

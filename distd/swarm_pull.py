@@ -30,6 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from distd.catalog import Catalog, Image
+from distd.chunk_client import ChunkClient
 from distd.engine import EngineContext, SwarmDownload, peer_session
 from distd.httpserver import BACKLOG, IDLE_TIMEOUT, advertised_address, middlewares
 from distd.metrics import Metrics
@@ -103,6 +104,7 @@ class SwarmPull:
         self.address = config.advertise
         self.rng = random.Random()
         self._session: aiohttp.ClientSession | None = None
+        self._chunk_client = ChunkClient(config.client_ssl)
         self._client: SeederClient | None = None
         self._runner: web.AppRunner | None = None
 
@@ -156,6 +158,7 @@ class SwarmPull:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        self._chunk_client.close()
         if self._session is not None:
             session, self._session = self._session, None
             self._client = None
@@ -202,6 +205,7 @@ class SwarmPull:
             rng=self.rng,
             headers=wire.cluster_headers(self.cfg.cluster_token),
             scheme="https" if self.cfg.server_ssl is not None else "http",
+            chunks=self._chunk_client,
         )
 
     # --- the pull --------------------------------------------------------------------------
