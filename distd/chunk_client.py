@@ -42,6 +42,7 @@ class Head:
     status: int
     headers: Mapping[str, str]  # names in lower case
     length: int | None  # Content-Length, if given
+    keep: bool  # the connection may serve again once the body is read
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -141,8 +142,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._fail(ConnectionAbortedError("connection closed by this node"))
 
 
-def _parse_head(raw: bytes) -> tuple[Head, bool]:
-    """The head, and whether the connection may be reused after this response."""
+def _parse_head(raw: bytes) -> Head:
     lines = raw.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest[:3]
@@ -169,20 +169,19 @@ def _parse_head(raw: bytes) -> tuple[Head, bool]:
             raise ProtocolError(f"malformed Content-Length {text[:30]!r}")
         length = int(text)
     keep = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-    return Head(int(code), headers, length), keep and length is not None
+    return Head(int(code), headers, length, keep and length is not None)
 
 
 class Response:
     """One answer on a connection held for it; `ChunkClient.get` yields it."""
 
-    def __init__(self, conn: _Connection, head: Head, keep: bool) -> None:
+    def __init__(self, conn: _Connection, head: Head) -> None:
         self._conn = conn
-        self.head = head
         self.status = head.status
         self.headers = head.headers
         self.content_length = head.length
+        self.reusable = head.keep
         self.done = False  # the whole body was read: the connection may go back
-        self.keep = keep
 
     async def read_into(self, body: memoryview) -> AsyncGenerator[int, None]:
         """Fill `body` (exactly Content-Length bytes) straight from the socket, yielding
@@ -305,7 +304,7 @@ class ChunkClient:
             if conn is None:
                 conn = await self._connect(parts.scheme, host, port)
             try:
-                head, keep = await self._exchange(conn, request)
+                head = await self._exchange(conn, request)
                 break
             except ConnectionError:
                 conn.close()
@@ -316,19 +315,19 @@ class ChunkClient:
             except BaseException:
                 conn.close()
                 raise
-        resp = Response(conn, head, keep)
+        resp = Response(conn, head)
         try:
             if head.status != 200:
                 await resp._drain()
             yield resp
         finally:
-            if resp.done and resp.keep:
+            if resp.done and resp.reusable:
                 self._release(key, conn)
             else:
                 conn.close()
 
     @staticmethod
-    async def _exchange(conn: _Connection, request: bytes) -> tuple[Head, bool]:
+    async def _exchange(conn: _Connection, request: bytes) -> Head:
         assert conn.transport is not None
         conn.head_end, conn.limit = -1, MAX_HEAD
         conn.transport.write(request)
