@@ -44,7 +44,7 @@ def aligned_buffer(size: int) -> memoryview:
     store's and the image's). Cut from a bytearray ALIGN bytes larger, not a fresh mmap:
     heap memory is reused from chunk to chunk, an mmap page-faults on every chunk."""
     raw = bytearray(size + ALIGN)
-    start = -_address(raw) % ALIGN if size else 0
+    start = -_address(raw) % ALIGN
     return memoryview(raw)[start : start + size]
 
 
