@@ -114,7 +114,9 @@ class _Connection(asyncio.BufferedProtocol):
             w.set_result(None)
 
     async def wait(self) -> None:
-        """Until bytes arrive or the connection fails (raised); READ_TIMEOUT at most."""
+        """Until bytes arrive or the connection ends, READ_TIMEOUT at most. Callers wait
+        while what they need has not come: a connection that ended raises then, not
+        when it ends just after the last byte they needed (a peer closing after it)."""
         if self.error is not None:
             raise self.error
         self._waiter = asyncio.get_running_loop().create_future()
@@ -123,8 +125,6 @@ class _Connection(asyncio.BufferedProtocol):
                 await self._waiter
         finally:
             self._waiter = None
-        if self.error is not None:
-            raise self.error
 
     def pause(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
