@@ -19,7 +19,6 @@ import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -346,14 +345,3 @@ class ChunkClient:
             for conn in idle:
                 conn.close()
         self._idle.clear()
-
-    async def __aenter__(self) -> ChunkClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -51,14 +51,17 @@ class RawServer:
 
 
 @contextlib.asynccontextmanager
-async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
+async def serving(handler: Handler) -> AsyncIterator[tuple[RawServer, ChunkClient]]:
+    """The server, and a client that is closed (its idle connections) at the end."""
     rs = RawServer(handler)
     server = await asyncio.start_server(rs._serve, "127.0.0.1", 0)
     host, port = server.sockets[0].getsockname()[:2]
     rs.url = f"http://{host}:{port}"
+    client = ChunkClient()
     try:
-        yield rs
+        yield rs, client
     finally:
+        client.close()
         server.close()
         for task in rs.tasks:
             if task is not None:
@@ -90,7 +93,7 @@ async def test_bodies_arrive_whole_and_the_connection_is_kept(size: int) -> None
         await w.drain()
         return True
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         for _ in range(3):
             assert await fetch(client, srv.url + "/v1/chunks/x") == (200, data)
         assert srv.connections == 1
@@ -113,7 +116,7 @@ async def test_a_refusal_is_drained_and_the_connection_serves_again() -> None:
         await w.drain()
         return True
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         async with client.get(srv.url + "/c", {}) as resp:
             assert resp.status == 503 and resp.headers["x-retry-ms"] == "250"
         assert await fetch(client, srv.url + "/c") == (404, b"")
@@ -127,7 +130,7 @@ async def test_bytes_past_the_body_retire_the_connection() -> None:
         await w.drain()
         return True
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         assert await fetch(client, srv.url + "/c") == (200, b"chunk")
         await asyncio.sleep(0.05)
         assert await fetch(client, srv.url + "/c") == (200, b"chunk")
@@ -140,7 +143,7 @@ async def test_a_kept_connection_the_peer_closed_is_replaced() -> None:
         await w.drain()
         return False
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         for _ in range(3):
             assert await fetch(client, srv.url + "/c") == (200, b"chunk")
         assert srv.connections == 3
@@ -165,7 +168,7 @@ async def test_malformed_heads_are_refused(answer: bytes) -> None:
         await asyncio.sleep(5)
         return False
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         with pytest.raises(ProtocolError):
             await fetch(client, srv.url + "/c")
         assert client._idle == {}
@@ -177,7 +180,7 @@ async def test_a_short_body_is_an_error_not_a_stall() -> None:
         await w.drain()
         return False  # and hang up
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         with pytest.raises(ConnectionError):
             await fetch(client, srv.url + "/c")
         assert client._idle == {}
@@ -192,7 +195,7 @@ async def test_a_silent_peer_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
         await asyncio.sleep(10)
         return False
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         with pytest.raises(TimeoutError):
             await fetch(client, srv.url + "/c")
 
@@ -208,7 +211,7 @@ async def test_a_cancelled_read_closes_its_connection() -> None:
         await w.drain()
         return True
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         task = asyncio.create_task(fetch(client, srv.url + "/slow"))
         await asyncio.sleep(0.2)
         task.cancel()
@@ -226,7 +229,7 @@ async def test_idle_connections_are_kept_up_to_the_cap() -> None:
         await w.drain()
         return True
 
-    async with raw_server(handler) as srv, ChunkClient() as client:
+    async with serving(handler) as (srv, client):
         for _ in range(2):
             got = await asyncio.gather(*(fetch(client, srv.url + "/c") for _ in range(6)))
             assert got == [(200, b"chunk")] * 6
