@@ -137,6 +137,10 @@ class _Connection(asyncio.BufferedProtocol):
     def usable(self) -> bool:
         return self.error is None and not self.pending and self.transport is not None
 
+    def reusable_at(self, now: float) -> bool:
+        """Fit to send on: alive, nothing stray read, idle less than KEEP_IDLE."""
+        return self.usable and now - self.idle_since < KEEP_IDLE
+
     def close(self) -> None:
         self._fail(ConnectionAbortedError("connection closed by this node"))
 
@@ -263,7 +267,7 @@ class ChunkClient:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.usable and now - conn.idle_since < KEEP_IDLE:
+            if conn.reusable_at(now):
                 return conn
             conn.close()
         return None
@@ -278,7 +282,7 @@ class ChunkClient:
         idle = self._idle.setdefault(key, [])
         idle.append(conn)
         # Those that died or aged since they came back go, and the oldest past the cap.
-        keep = [c for c in idle if c.usable and now - c.idle_since < KEEP_IDLE][-KEEP_PER_PEER:]
+        keep = [c for c in idle if c.reusable_at(now)][-KEEP_PER_PEER:]
         for c in idle:
             if c not in keep:
                 c.close()
