@@ -162,42 +162,37 @@ async def test_a_kept_connection_the_peer_closed_is_replaced() -> None:
     ids=["version", "status", "header", "two-lengths", "negative-length", "endless-head"],
 )
 async def test_malformed_heads_are_refused(answer: bytes) -> None:
-    async def handler(path: str, _r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
-        w.write(answer)
-        await w.drain()
-        await asyncio.sleep(5)
-        return False
-
-    async with serving(handler) as (srv, client):
-        with pytest.raises(ProtocolError):
-            await fetch(client, srv.url + "/c")
-        assert client._idle == {}
+    await _fails_and_keeps_nothing(replying(answer, hold=5), ProtocolError)
 
 
 async def test_a_short_body_is_an_error_not_a_stall() -> None:
-    async def handler(path: str, _r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000)
-        await w.drain()
-        return False  # and hang up
-
-    async with serving(handler) as (srv, client):
-        with pytest.raises(ConnectionError):
-            await fetch(client, srv.url + "/c")
-        assert client._idle == {}
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000
+    await _fails_and_keeps_nothing(replying(answer, hold=0), ConnectionError)
 
 
 async def test_a_silent_peer_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chunk_client, "READ_TIMEOUT", 0.3)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc"
+    await _fails_and_keeps_nothing(replying(answer, hold=10), TimeoutError)
+
+
+def replying(answer: bytes, hold: float) -> Handler:
+    """A peer that sends `answer`, says nothing more for `hold` seconds, and hangs up."""
 
     async def handler(path: str, _r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        w.write(answer)
         await w.drain()
-        await asyncio.sleep(10)
+        await asyncio.sleep(hold)
         return False
 
+    return handler
+
+
+async def _fails_and_keeps_nothing(handler: Handler, error: type[BaseException]) -> None:
     async with serving(handler) as (srv, client):
-        with pytest.raises(TimeoutError):
+        with pytest.raises(error):
             await fetch(client, srv.url + "/c")
+        assert client._idle == {}
 
 
 async def test_a_cancelled_read_closes_its_connection() -> None:
