@@ -27,6 +27,7 @@ one event.
 from __future__ import annotations
 
 import argparse
+import gc
 import heapq
 import json
 import math
@@ -161,15 +162,23 @@ class Simulation:
         last_report = time.monotonic()
         events = self.events
         pop = heapq.heappop
-        while events and self.finished < total:
-            t, _, fn = pop(events)
-            self.now = t
-            fn()
-            self.handled += 1
-            # The clock is read once per 4096 events: cheap next to the events themselves.
-            if progress and not self.handled & 0xFFF and time.monotonic() - last_report > 1:
-                progress(self.finished, total, self.now)
-                last_report = time.monotonic()
+        # Events make no reference cycles that outlive them; the collector would only
+        # walk the live objects over and over (7% of the compiled run, N=300; 2% plain).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            while events and self.finished < total:
+                t, _, fn = pop(events)
+                self.now = t
+                fn()
+                self.handled += 1
+                # The clock is read once per 4096 events: cheap next to the events.
+                if progress and not self.handled & 0xFFF and time.monotonic() - last_report > 1:
+                    progress(self.finished, total, self.now)
+                    last_report = time.monotonic()
+        finally:
+            if collecting:
+                gc.enable()
         if self.finished < total:
             stuck = [n.node_id for n in self.nodes.values() if n.finished is None][:5]
             raise RuntimeError(f"simulation stalled at t={self.now:.1f}s; unfinished: {stuck}")
