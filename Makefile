@@ -32,4 +32,4 @@ bench-push: $(STAMP)
 	$(BIN)/python -m bench.push
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bench import native
 from distd.peer_server import MAX_NEIGHBOURS
 from distd.swarm.peers import Failure
 from distd.swarm.picker import RarestFirst
@@ -486,6 +487,7 @@ def simulate(cfg: SimConfig, progress: bool = False) -> dict[str, Any]:
         print("\r\033[K", end="", file=sys.stderr, flush=True)
     out = sim.summary()
     out["seed"] = cfg.seed
+    out["native"] = native.is_compiled()
     out["wall_seconds"] = time.monotonic() - started
     return out
 
@@ -559,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=parse_rate, default=10 << 20, help="every node's up/down cap")
     p.add_argument("--seeder-rate", type=parse_rate, default=None, help="default: --rate")
     p.add_argument("--latency", type=float, default=0.0005, help="seconds per message")
-    p.add_argument("--upload-slots", type=int, default=SimConfig.upload_slots)
+    p.add_argument("--upload-slots", type=int, default=SimConfig().upload_slots)
     p.add_argument("--seeder-slots", type=int, default=2)
     p.add_argument("--max-inflight", type=int, default=_DEFAULTS.max_inflight)
     p.add_argument("--first-chunks", type=int, default=_DEFAULTS.first_chunks)
@@ -585,7 +587,18 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: rerun each real `bench.fanout --json` result in the sim, side by side",
     )
     p.add_argument("--json", type=Path, default=None, help="write results here")
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="run the same code compiled with mypyc (bench/native.py): the same results in "
+        "a little over half the time; the first run builds it (about a minute, needs gcc)",
+    )
     args = p.parse_args(argv)
+    if args.native and not native.is_compiled():
+        try:
+            native.reexec([a for a in (sys.argv[1:] if argv is None else argv) if a != "--native"])
+        except native.BuildError as e:
+            p.exit(2, f"bench.sim: {e}\n")
     base = SimConfig(
         size=args.size,
         chunk_size=args.chunk_size,

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import heapq
+import json
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench import native
 from bench.sim import Flow, SimConfig, Simulation, simulate
 from distd.swarm.scheduler import Scheduler
 
@@ -95,3 +101,27 @@ def test_an_upload_ends_at_the_senders_pace(neighbour_holds: int | None, first: 
                 freed.setdefault(n.node_id, t)
     assert freed == {"seeder": pytest.approx(1.0), "n1": pytest.approx(1.0)}
     assert landed == {first: pytest.approx(1.0), 1 - first: pytest.approx(2.0)}
+
+
+def _c_compiler() -> str | None:
+    cc = sysconfig.get_config_var("CC")
+    return shutil.which(cc.split()[0]) if cc else None
+
+
+@pytest.mark.skipif(_c_compiler() is None, reason="the native build needs a C compiler")
+def test_the_native_build_gives_the_same_results(tmp_path: Path) -> None:
+    """`--native` claims the same run, only faster: any mypyc difference shows here."""
+    argv = ["--nodes", "30", "--size", "40MiB", "--chunk-size", "1MiB", "--seed", "3"]
+    out = tmp_path / "native.json"
+    subprocess.run(
+        native.command(native.build(quiet=True), [*argv, "--json", str(out)]),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=600,
+    )
+    [compiled] = json.loads(out.read_text())
+    plain = simulate(SimConfig(nodes=30, size=40 * MiB, chunk_size=MiB, seed=3))
+    assert compiled.pop("native") is True and plain.pop("native") is False
+    for r in (compiled, plain):
+        del r["wall_seconds"]
+    assert compiled == plain
