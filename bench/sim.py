@@ -84,7 +84,7 @@ class SimNode:
     ups: set[Flow] = field(default_factory=set)  # flows still sending
     downs: dict[tuple[str, int], Flow] = field(default_factory=dict)
     # dicts, not sets: str hashes vary per process, and iteration order must not
-    followers: dict[str, None] = field(default_factory=dict)
+    followers: dict[str, SimNode] = field(default_factory=dict)
     following: dict[str, None] = field(default_factory=dict)
     joined: float = 0.0
     finished: float | None = None
@@ -219,7 +219,7 @@ class Simulation:
         if len(node.following) >= MAX_NEIGHBOURS or len(peer.followers) >= MAX_NEIGHBOURS:
             return
         node.following[peer.node_id] = None
-        peer.followers[node.node_id] = None
+        peer.followers[node.node_id] = node
 
         def bitfield_arrives() -> None:
             assert node.sched is not None
@@ -404,8 +404,7 @@ class Simulation:
     def busy_news(self, peer: SimNode, until: float) -> None:
         """`peer`'s news that its upload slots are taken until `until` reaches all its
         followers (one event, as for haves)."""
-        for fid in peer.followers:
-            node = self.nodes[fid]
+        for node in peer.followers.values():
             if node.sched is not None and node.finished is None:
                 node.sched.peer_busy(peer.node_id, until - self.now, self.now)
 
@@ -415,13 +414,11 @@ class Simulation:
     def haves(self, peer: SimNode, index: int) -> None:
         """`peer`'s news of chunk `index` reaches all its followers: one event, not one each
         (they would all fire at the same moment anyway)."""
-        for fid in peer.followers:
-            node = self.nodes[fid]
+        for node in peer.followers.values():
             sched = node.sched
             if sched is None or node.finished is not None:
                 continue
-            sched.peer_has(peer.node_id, index)
-            if sched.wants_from(peer.node_id, index, self.now):  # as the daemon's engine
+            if sched.peer_has(peer.node_id, index, self.now):  # as the daemon's engine
                 self.drive(node)
 
     # --- results -------------------------------------------------------------------------

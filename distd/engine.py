@@ -158,7 +158,7 @@ class SwarmDownload:
 
     def _on_data(self, link: PeerLink, unpacker: msgpack.Unpacker, data: bytes, n: int) -> bool:
         """Feed bytes of a neighbour's have-stream; act on every whole message. True when
-        the news could change the next decision (see `Scheduler.wants_from`): the rest
+        the news could change the next decision (see `Scheduler.peer_has`): the rest
         (haves of chunks we hold or cannot ask for yet, busy news, pings) does not wake
         the download loop, which is most of a node's have-stream traffic.
 
@@ -186,8 +186,7 @@ class SwarmDownload:
             wanted = False
             for i in msg[1]:
                 if isinstance(i, int) and 0 <= i < n:
-                    self.sched.peer_has(link.peer_id, i)
-                    wanted = wanted or self.sched.wants_from(link.peer_id, i, now)
+                    wanted |= self.sched.peer_has(link.peer_id, i, now)
             return wanted
         if kind == "busy" and len(msg) == 2 and isinstance(msg[1], int):
             if not 0 <= msg[1] <= MAX_BUSY_MS:

@@ -176,8 +176,8 @@ def test_the_rarest_transfer_is_read_first_and_the_order_follows_the_news() -> N
     sched.add_peer("s", is_seeder=True, have=0b111)  # a seeder is no neighbour to rank by
     order = sorted(range(3), key=sched.read_order)
     assert order == [2, 1, 0]
-    sched.peer_has("b", 2)
-    sched.peer_has("a", 2)
+    sched.peer_has("b", 2, 0.0)
+    sched.peer_has("a", 2, 0.0)
     assert sorted(range(3), key=sched.read_order) == [1, 0, 2]
 
 
@@ -223,30 +223,27 @@ def test_a_peer_that_announced_its_slots_taken_is_not_asked_until_then() -> None
 
 
 def test_have_news_wakes_the_driver_only_when_it_can_matter() -> None:
-    """`wants_from` lets drivers skip decisions; skipping one must never strand a chunk:
+    """`peer_has` lets drivers skip decisions; skipping one must never strand a chunk:
     a held-off neighbour's first wanted chunk still wakes (for its wake-up time)."""
     sched = Scheduler([100] * 4, config=SchedulerConfig(first_chunks=0, max_inflight=1))
     sched.add_peer("free", have=0)
     sched.add_peer("held", have=0)
     sched.peer_busy("held", 0.5, 0.0)
-    sched.peer_has("held", 1)
-    assert sched.wants_from("held", 1, 0.0)  # held off, but nothing else wanted from it
+    assert sched.peer_has("held", 1, 0.0)  # held off, but nothing else wanted from it
     assert sched.next_requests(0.0) == []
     wake = sched.next_wakeup(0.0)
     spread = sched.config.penalties.busy_spread
     assert wake is not None and 0.5 <= wake <= 0.5 + spread  # so chunk 1 is not stranded
-    sched.peer_has("held", 3)
-    assert not sched.wants_from("held", 3, 0.1)  # held off, and its wake-up is set
-    sched.peer_has("free", 0)
-    assert sched.wants_from("free", 0, 0.1)  # can be asked now
+    assert not sched.peer_has("held", 3, 0.1)  # held off, and its wake-up is set
+    assert sched.peer_has("free", 0, 0.1)  # can be asked now
     assert [(r.peer_id, r.index) for r in sched.next_requests(0.1)] == [("free", 0)]
-    sched.peer_has("free", 2)
-    assert not sched.wants_from("free", 2, 0.2)  # the one request slot is taken
+    assert not sched.peer_has("free", 2, 0.2)  # the one request slot is taken
     sched.on_received("free", 0, 0.3)
-    assert sched.wants_from("free", 2, 0.3)
+    assert sched.peer_has("free", 2, 0.3)
     sched.mark_have(2)
-    assert not sched.wants_from("free", 2, 0.3)  # held already
-    assert not sched.wants_from("gone", 1, 0.3)  # not a neighbour
+    assert not sched.peer_has("free", 2, 0.3)  # held already
+    assert not sched.peer_has("gone", 1, 0.3)  # not a neighbour
+    assert not sched.peer_has("free", 4, 0.3)  # no such chunk
 
 
 def test_corrupt_peer_is_banned_and_its_chunks_go_elsewhere() -> None:

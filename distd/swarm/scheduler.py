@@ -145,27 +145,25 @@ class Scheduler:
         self._set_have(peer, 0)
         return [self._drop(peer_id, i) for i in list(peer.inflight)]
 
-    def peer_has(self, peer_id: str, index: int) -> None:
-        """A neighbour announced one new chunk (the commonest event of all: kept short)."""
-        peer = self.peers.get(peer_id)
-        if peer is not None and 0 <= index < self.n:
-            bit = 1 << index
-            if not peer.have & bit:
-                peer.have |= bit
-                if not peer.is_seeder:
-                    self.availability[index] += 1
+    def peer_has(self, peer_id: str, index: int, now: float) -> bool:
+        """A neighbour announced one new chunk (the commonest event of all: kept short).
 
-    def wants_from(self, peer_id: str, index: int, now: float) -> bool:
-        """Could the news that `peer_id` holds `index` (already given to `peer_has`) change
-        the next decision or wake-up? Only if we lack the chunk and have a request slot
-        free, and either the peer can be asked now, or it is held off and held nothing
-        else we lack: then no wake-up is set for the end of its hold yet. Drivers skip
-        a decision otherwise: a node hears of every chunk each neighbour stores, and
-        most of that news finds every slot taken."""
+        True when the news could change the next decision or wake-up: only if we lack
+        the chunk and have a request slot free, and either the peer can be asked now, or
+        it is held off and held nothing else we lack: then no wake-up is set for the end
+        of its hold yet. Drivers skip a decision otherwise: a node hears of every chunk
+        each neighbour stores, and most of that news finds every slot taken."""
         peer = self.peers.get(peer_id)
-        if peer is None or self.have >> index & 1 or self._free() <= 0:
+        if peer is None or not 0 <= index < self.n:
             return False
-        return now >= peer.ready_at or not peer.have & ~(1 << index) & self.missing
+        bit = 1 << index
+        if not peer.have & bit:
+            peer.have |= bit
+            if not peer.is_seeder:
+                self.availability[index] += 1
+        if self.have & bit or self._free() <= 0:
+            return False
+        return now >= peer.ready_at or not peer.have & ~bit & self.missing
 
     def read_order(self, index: int) -> int:
         """Which of the transfers under way to read first, lowest first (the driver's
