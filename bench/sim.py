@@ -68,7 +68,6 @@ class Flow:
     send_rate: float = 0.0
     updated: float = 0.0
     version: int = 0
-    planned: tuple[float, float] | None = None  # (send_rate, rate) its events are for
     done: bool = False
     seq: int = 0  # creation order: flows are visited in it, so a seed gives one result
 
@@ -344,9 +343,6 @@ class Simulation:
                 f.rate = min(left, f.send_rate or math.inf)
                 left -= f.rate
         for f in ordered:
-            if f.planned == (f.send_rate, f.rate):
-                continue  # its events stand: the same rates end it at the same moments
-            f.planned = (f.send_rate, f.rate)
             f.version += 1
             version = f.version
             if f.send_rate > 0:
