@@ -103,12 +103,13 @@ def test_an_upload_ends_at_the_senders_pace(neighbour_holds: int | None, first: 
     assert landed == {first: pytest.approx(1.0), 1 - first: pytest.approx(2.0)}
 
 
-def _c_compiler() -> str | None:
+def _can_compile() -> bool:
     cc = sysconfig.get_config_var("CC")
-    return shutil.which(cc.split()[0]) if cc else None
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    return bool(cc) and shutil.which(cc.split()[0]) is not None and headers.exists()
 
 
-@pytest.mark.skipif(_c_compiler() is None, reason="the native build needs a C compiler")
+@pytest.mark.skipif(not _can_compile(), reason="the native build needs gcc and Python.h")
 def test_the_native_build_gives_the_same_results(tmp_path: Path) -> None:
     """`--native` claims the same run, only faster: any mypyc difference shows here."""
     argv = ["--nodes", "30", "--size", "40MiB", "--chunk-size", "1MiB", "--seed", "3"]
