@@ -3,7 +3,7 @@
 At fleet scale the simulator's cost is Python's own: millions of scheduler decisions,
 each a few dozen attribute reads, dict lookups and heap operations. mypyc (part of
 mypy, already our type checker) compiles the same annotated source to C: the same
-result event for event, in a little over half the time. `python -m bench.sim --native`
+result event for event, in about half the time. `python -m bench.sim --native`
 builds once per version of the source, into `build/native/<key>/` beside a copy of
 the packages, and reruns itself from there; the daemon and the tests run the plain
 source (one test checks that both give the same result). A build takes about a
@@ -12,6 +12,7 @@ minute and needs a C compiler; `make clean` removes the builds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -71,24 +72,24 @@ def build(root: Path = ROOT, quiet: bool = False) -> Path:
     if not quiet:
         print("building the native simulator (mypyc, about a minute)...", file=sys.stderr)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for pkg in PACKAGES:
-        shutil.copytree(root / pkg, tmp / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    run = subprocess.run(
-        [sys.executable, "-m", "mypyc", *COMPILED],
-        cwd=tmp,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    if run.returncode != 0:
-        log = tmp / "build.log"
-        log.write_text(run.stdout)
-        raise BuildError(f"mypyc failed (exit {run.returncode}); its output is in {log}")
-    (tmp / ".built").touch()
     try:
-        tmp.rename(out)
-    except OSError:  # built meanwhile by another run: theirs is as good
+        for pkg in PACKAGES:
+            shutil.copytree(root / pkg, tmp / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        run = subprocess.run(
+            [sys.executable, "-m", "mypyc", *COMPILED],
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if run.returncode != 0:
+            log = out.parent / "failed.log"
+            log.write_text(run.stdout)
+            raise BuildError(f"mypyc failed (exit {run.returncode}); its output is in {log}")
+        (tmp / ".built").touch()
+        with contextlib.suppress(OSError):  # built meanwhile by another run: as good
+            tmp.rename(out)
+    finally:  # nothing half-built stays behind, interrupted or not
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 

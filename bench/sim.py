@@ -20,7 +20,8 @@ fewer since a node tells its followers when its upload slots fill (as the daemon
 does on its have-streams); that news, like a chunk's, reaches all followers in
 one event.
 
-    python -m bench.sim --nodes 16 100 1000 10000 --json sim.json
+    python -m bench.sim --nodes 16 100 1000 --json sim.json
+    python -m bench.sim --nodes 10000 --native    # compiled (bench/native.py): same result
     python -m bench.sim --validate bench/results/fanout-N8-256MiB.json
 """
 
@@ -584,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         "--native",
         action="store_true",
         help="run the same code compiled with mypyc (bench/native.py): the same results in "
-        "a little over half the time; the first run builds it (about a minute, needs gcc)",
+        "about half the time; the first run builds it (about a minute, needs gcc)",
     )
     args = p.parse_args(argv)
     if args.native and not native.is_compiled():
