@@ -7,7 +7,7 @@ result event for event, in about half the time. `python -m bench.sim --native`
 builds once per version of the source, into `build/native/<key>/` beside a copy of
 the packages, and reruns itself from there; the daemon and the tests run the plain
 source (one test checks that both give the same result). A build takes about a
-minute and needs a C compiler; `make clean` removes the builds.
+minute and needs a C compiler; only the latest is kept, and `make clean` removes it.
 """
 
 from __future__ import annotations
@@ -91,6 +91,11 @@ def build(root: Path = ROOT, quiet: bool = False) -> Path:
             tmp.rename(out)
     finally:  # nothing half-built stays behind, interrupted or not
         shutil.rmtree(tmp, ignore_errors=True)
+    # Builds of older sources (17 MB each) are never run again; one is left per edit
+    # otherwise. A run still going from one has loaded its modules already.
+    for old in out.parent.iterdir():
+        if old.is_dir() and old != out and ".tmp" not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
