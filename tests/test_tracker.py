@@ -23,6 +23,27 @@ def test_same_zone_first_seeders_last_and_self_excluded() -> None:
     assert got[6] == "seed"
 
 
+def test_other_zones_keep_a_share_of_the_answer() -> None:
+    """A zone never becomes a swarm of its own: a fifth of each answer is from the other
+    zones, listed after the same zone's members, whatever the zones' sizes."""
+    t = Tracker(sample=30, rng=random.Random(2))
+    for i in range(200):
+        t.announce("img", f"a{i}", f"a{i}:1", zone="a", now=0)
+    for i in range(100):
+        t.announce("img", f"b{i}", f"b{i}:1", zone="b" if i % 2 else "c", now=0)
+    zones = [m.zone for m in t.peers("img", "a0", "a", now=1)]
+    assert zones[:24] == ["a"] * 24 and sorted(set(zones[24:])) == ["b", "c"]
+    assert len(zones) == 30
+    for i in range(2, 100):
+        t.leave("img", f"b{i}")  # two far members left: both in every answer, near fills
+    zones = [m.zone for m in t.peers("img", "a0", "a", now=1)]
+    assert zones[:28] == ["a"] * 28 and sorted(zones[28:]) == ["b", "c"]
+    only_near = Tracker(sample=30, far_share=0.0)
+    for i in range(40):
+        only_near.announce("img", f"n{i}", "h:1", zone="ab"[i >= 35], now=0)
+    assert {m.zone for m in only_near.peers("img", "n0", "a", now=1)} == {"a"}
+
+
 def test_members_expire_and_swarms_vanish() -> None:
     t = Tracker(ttl=10)
     t.announce("img", "a", "a:1", now=0)
@@ -65,7 +86,7 @@ def test_sample_matches_a_model_of_the_swarm(
 ) -> None:
     """Whatever the sequence of announces, zone and role changes, departures and expiries:
     the sample is the live others, same zone first, seeders last, each group as full as
-    the sample allows."""
+    the sample allows once the other zones have their share."""
     t = Tracker(ttl=10, sample=sample, rng=random.Random(seed))
     model: dict[str, tuple[str, bool, float]] = {}  # node -> (zone, seeder, expires)
     now = 0.0
@@ -93,9 +114,12 @@ def test_sample_matches_a_model_of_the_swarm(
         assert set(ids) <= set(live)
         groups = [group(k) for k in ids]
         assert groups == sorted(groups)
-        for g in set(groups):
-            if g < max(groups):
-                assert groups.count(g) == sum(1 for k in live if group(k) == g)
+        size = [sum(1 for k in live if group(k) == g) for g in range(4)]
+        near = min(size[0], sample - min(t.far, size[1]))
+        assert groups.count(0) == near
+        assert groups.count(1) == min(size[1], sample - near)
+        if 3 in groups:
+            assert groups.count(2) == size[2]
     t.expire(now)
     assert len(t) == sum(1 for v in model.values() if v[2] > now)
 
