@@ -507,6 +507,20 @@ def row(r: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def read_fanout(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The configuration and p2p figures of a `bench.fanout` result; ValueError naming
+    the file and what is wrong with it otherwise."""
+    try:
+        doc = json.loads(path.read_text())
+        return doc["config"], doc["modes"]["p2p"]
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: not a bench.fanout result with a p2p run") from None
+
+
 def validate(paths: list[Path], base: SimConfig) -> list[dict[str, Any]]:
     """Run the sim in each real run's configuration (a `bench.fanout --json` file) and
     print both side by side: the issue asks for the ratios within 10% of the real ones.
@@ -518,8 +532,7 @@ def validate(paths: list[Path], base: SimConfig) -> list[dict[str, Any]]:
     print("| run | N | real p50 | sim p50 | real max | sim max | real seeder/S | sim | off |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for path in paths:
-        doc = json.loads(path.read_text())
-        conf, real = doc["config"], doc["modes"]["p2p"]
+        conf, real = read_fanout(path)
         cfg = replace(
             base,
             nodes=conf["nodes"],
@@ -614,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: list[dict[str, Any]]
     if args.validate:
+        for path in args.validate:  # every file checked before the first run starts
+            try:
+                read_fanout(path)
+            except ValueError as e:
+                p.exit(1, f"bench.sim: {e}\n")
         results = validate(args.validate, base)
     else:
         results = []

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench import native
-from bench.sim import Flow, SimConfig, Simulation, simulate
+from bench.sim import Flow, SimConfig, Simulation, main, simulate
 from distd.swarm.scheduler import Scheduler
 
 MiB = 1 << 20
@@ -126,3 +126,26 @@ def test_the_native_build_gives_the_same_results(tmp_path: Path) -> None:
     for r in (compiled, plain):
         del r["wall_seconds"]
     assert compiled == plain
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (None, "No such file or directory"),
+        ("not json", "not JSON"),
+        ('{"config": {}}', "not a bench.fanout result with a p2p run"),
+    ],
+)
+def test_validate_names_a_bad_result_file_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, error: str
+) -> None:
+    path = tmp_path / "fanout.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exited:
+        main(["--validate", str(path)])
+    assert exited.value.code == 1
+    err = capsys.readouterr()
+    assert err.err.startswith(f"bench.sim: {path}: ")
+    assert error in err.err and len(err.err.strip().splitlines()) == 1
+    assert "| run |" not in err.out  # nothing ran
