@@ -521,8 +521,11 @@ def read_fanout(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"{path}: not a bench.fanout result with a p2p run") from None
 
 
-def validate(paths: list[Path], base: SimConfig) -> list[dict[str, Any]]:
-    """Run the sim in each real run's configuration (a `bench.fanout --json` file) and
+Fanout = tuple[Path, dict[str, Any], dict[str, Any]]  # a result file, its config, its p2p run
+
+
+def validate(runs: list[Fanout], base: SimConfig) -> list[dict[str, Any]]:
+    """Run the sim in each real run's configuration (`read_fanout`) and
     print both side by side: the issue asks for the ratios within 10% of the real ones.
 
     The sim models no CPU: a real run that was CPU-bound (N=16 on two cores) is slower
@@ -531,8 +534,7 @@ def validate(paths: list[Path], base: SimConfig) -> list[dict[str, Any]]:
     out = []
     print("| run | N | real p50 | sim p50 | real max | sim max | real seeder/S | sim | off |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for path in paths:
-        conf, real = read_fanout(path)
+    for path, conf, real in runs:
         cfg = replace(
             base,
             nodes=conf["nodes"],
@@ -627,12 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: list[dict[str, Any]]
     if args.validate:
-        for path in args.validate:  # every file checked before the first run starts
-            try:
-                read_fanout(path)
-            except ValueError as e:
-                p.exit(1, f"bench.sim: {e}\n")
-        results = validate(args.validate, base)
+        try:  # every file read before the first run starts
+            runs = [(path, *read_fanout(path)) for path in args.validate]
+        except ValueError as e:
+            p.exit(1, f"bench.sim: {e}\n")
+        results = validate(runs, base)
     else:
         results = []
         print("| " + " | ".join(COLUMNS) + " |")
