@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from seeder.tracker import Tracker
@@ -74,12 +74,20 @@ _ops = st.lists(
         st.integers(0, 25),  # node
         st.sampled_from(["", "a", "b"]),  # zone
         st.booleans(),  # seeder (rarely kept: see below)
-        st.floats(0, 4),  # time step
+        # time step: mostly short, so that swarms grow past the sample and zones compete
+        st.one_of(st.floats(0, 0.2), st.floats(0, 4)),
     ),
     max_size=120,
 )
 
 
+# A zone larger than the sample beside a small one: the far share must be kept.
+@example(
+    [("announce", i, "a", False, 0.0) for i in range(7)]
+    + [("announce", 9, "b", False, 0.0), ("peers", 0, "a", False, 0.0)],
+    5,
+    1,
+)
 @given(_ops, st.integers(1, 12), st.integers(0, 2**32 - 1))
 def test_sample_matches_a_model_of_the_swarm(
     ops: list[tuple[str, int, str, bool, float]], sample: int, seed: int
