@@ -7,9 +7,11 @@ JSON and Markdown) without it; `pip install -e '.[bench]'` brings it.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.cluster import MIB
 
@@ -87,20 +89,37 @@ def write_cdf(
     return path
 
 
+def read_result(path: Path) -> dict[str, Any]:
+    """A bench result JSON (bench.fanout's); ValueError naming the file and what is wrong
+    with it otherwise. Callers check the fields they use."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a bench.fanout result")
+    return doc
+
+
 def replot(result: Path) -> Path:
     """Draw the PNG of a bench result JSON again (after a change to the picture, or to get
     it where matplotlib was missing during the run), beside the JSON."""
-    import json
-
-    doc = json.loads(result.read_text())
-    curves = {mode: list(r["times"].values()) for mode, r in doc["modes"].items()}
-    marks = {"central floor": doc["central_floor"]} if "central" in curves else {}
-    if "bound" in doc:  # a workload run (bench/workload.py)
-        bound, label, title = doc["bound"]["seconds"], "T_bound", doc.get("title", result.stem)
-    else:
-        c = doc["config"]
-        bound, label = doc["t_min"], "T_min"
-        title = f"Fan-out: N={c['nodes']}, S={c['size'] / MIB:g} MiB, B={c['rate'] / MIB:g} MiB/s"
+    doc = read_result(result)
+    try:
+        curves = {mode: list(r["times"].values()) for mode, r in doc["modes"].items()}
+        marks = {"central floor": doc["central_floor"]} if "central" in curves else {}
+        if "bound" in doc:  # a workload run (bench/workload.py)
+            bound, label = doc["bound"]["seconds"], "T_bound"
+            title = doc.get("title", result.stem)
+        else:
+            c = doc["config"]
+            bound, label = doc["t_min"], "T_min"
+            size, rate = c["size"] / MIB, c["rate"] / MIB
+            title = f"Fan-out: N={c['nodes']}, S={size:g} MiB, B={rate:g} MiB/s"
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"{result}: not a bench.fanout result") from None
     return write_cdf(result.with_suffix(".png"), curves, bound, title, label, marks)
 
 
@@ -113,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("results", nargs="+", type=Path, help="bench/results/*.json of bench.fanout")
     for path in p.parse_args(argv).results:
-        print(f"wrote {replot(path)}")
+        try:
+            print(f"wrote {replot(path)}")
+        except ValueError as e:
+            p.exit(1, f"bench.cdf: {e}\n")
     return 0
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import native
+from bench.cdf import read_result
 from distd.peer_server import MAX_NEIGHBOURS
 from distd.swarm.peers import Failure
 from distd.swarm.picker import RarestFirst
@@ -510,13 +511,9 @@ def row(r: dict[str, Any]) -> str:
 def read_fanout(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The configuration and p2p figures of a `bench.fanout` result; ValueError naming
     the file and what is wrong with it otherwise."""
+    doc = read_result(path)
     try:
-        doc = json.loads(path.read_text())
         return doc["config"], doc["modes"]["p2p"]
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
     except (KeyError, TypeError):
         raise ValueError(f"{path}: not a bench.fanout result with a p2p run") from None
 

@@ -89,3 +89,29 @@ def test_cdf_png_is_written(tmp_path: Path) -> None:
         tmp_path / "cdf.png", {"p2p": [1.0, 2.0, 2.5], "central": [4.0, 6.0]}, 2.0, "N=3"
     )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (None, "No such file or directory"),
+        ("not json", "not JSON"),
+        ("[1, 2]", "not a bench.fanout result"),
+        ('{"modes": {"p2p": {}}}', "not a bench.fanout result"),
+    ],
+)
+def test_cdf_names_a_bad_result_file_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, error: str
+) -> None:
+    from bench.cdf import main
+
+    path = tmp_path / "fanout.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exited:
+        main([str(path)])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"bench.cdf: {path}: ") and error in err
+    assert len(err.strip().splitlines()) == 1
+    assert not path.with_suffix(".png").exists()
