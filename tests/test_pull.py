@@ -28,21 +28,23 @@ from manifests import wire
 from manifests.chunking import encode_chunk, verify_chunk
 from manifests.client import SeederClient
 from manifests.model import Chunk, Encoding, Entry, Kind, Manifest, ManifestError
+from manifests.push import PushSummary, push_tree
+from manifests.validate import decode_manifest
 
 CS = 4096
 NAME = "team/app:v1"
 
 
-def _tree(root: Path) -> None:
-    """The shapes the issue asks a pull to reproduce."""
+def _tree(root: Path, cs: int = CS, big: int = 40 * CS) -> None:
+    """The shapes the issue asks a pull to reproduce; `big` random bytes under two names."""
     (root / "a" / "b" / "c").mkdir(parents=True)
     (root / "empty-dir").mkdir()
     (root / "a" / "b" / "c" / "deep.txt").write_bytes(b"deep text\n" * 2000)
     (root / "empty-file").write_bytes(b"")
-    (root / "one-chunk").write_bytes(os.urandom(CS))
-    (root / "one-chunk-plus-1").write_bytes(os.urandom(CS + 1))
-    (root / "big").write_bytes(os.urandom(20 * CS) + bytes(20 * CS))
-    (root / "same-as-big").write_bytes((root / "big").read_bytes())
+    (root / "one-chunk").write_bytes(os.urandom(cs))
+    (root / "one-chunk-plus-1").write_bytes(os.urandom(cs + 1))
+    (root / "big").write_bytes(os.urandom(big))
+    (root / "a" / "same-as-big").write_bytes((root / "big").read_bytes())
     exe = root / "run me.sh"
     exe.write_bytes(b"#!/bin/sh\necho hi\n")
     exe.chmod(0o755)
@@ -55,16 +57,12 @@ def _tree(root: Path) -> None:
     (root / "a" / "ro").chmod(0o555)
 
 
-async def _publish(url: str, src: Path, name: str = NAME) -> Manifest:
-    """Push with the client directly, so these tests do not depend on the push CLI."""
-    manifest, raw = build_manifest(src, CS)
+async def _push(url: str, src: Path, cs: int = CS) -> tuple[PushSummary, Manifest]:
+    """Push with the production push code, and the manifest the seeder now serves."""
     async with SeederClient(url, PUSH_TOKEN) as c:
-        for c_row in manifest.chunks:
-            enc, payload = encode_chunk(raw[c_row.digest])
-            await c.put_chunk(c_row.digest, payload, enc, c_row.size)
-        digest = await c.put_manifest(manifest.encode())
-        await c.set_name(name, digest)
-    return manifest
+        summary = await push_tree(c, src, NAME, cs, progress=False)
+        manifest = decode_manifest(await c.get_manifest(summary.digest))
+    return summary, manifest
 
 
 def _distd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -87,10 +85,16 @@ def _leftovers(parent: Path) -> list[str]:
 
 
 def test_pull_gives_identical_tree(seeder: SeederProcess, tmp_path: Path) -> None:
+    """Pushed with `push_tree`, pulled with `distd pull`: the same tree, byte for byte; the
+    20 MiB content under two names went up once."""
     src = tmp_path / "src"
     src.mkdir()
-    _tree(src)
-    manifest = asyncio.run(_publish(seeder.url, src))
+    cs, big = 1 << 20, 20 << 20
+    _tree(src, cs, big)
+    summary, manifest = asyncio.run(_push(seeder.url, src, cs))
+    assert summary.uploaded_chunks == summary.unique_chunks == len(manifest.chunks)
+    assert summary.uploaded_raw_bytes == manifest.total_size - big  # the copy cost nothing
+    assert summary.uploaded_bytes < summary.total_bytes - big
     data = tmp_path / "data"
     dest = tmp_path / "out" / "image"
 
@@ -130,7 +134,7 @@ def test_pull_no_p2p_uses_the_seeder_alone(seeder: SeederProcess, tmp_path: Path
     src = tmp_path / "src"
     src.mkdir()
     _tree(src)
-    manifest = asyncio.run(_publish(seeder.url, src))
+    _, manifest = asyncio.run(_push(seeder.url, src))
     dest = tmp_path / "image"
     r = _distd(
         "pull",
@@ -173,7 +177,7 @@ async def test_swarm_pull_serves_what_it_holds_until_it_ends(
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(os.urandom(5 * CS))
-    manifest = await _publish(seeder.url, src)
+    _, manifest = await _push(seeder.url, src)
     store = ChunkStore(tmp_path / "data")
     config = SwarmPullConfig(seeder=seeder.url, node_id="pull-1", announce_interval=0.2)
     async with SwarmPull(config, store, tmp_path / "data") as swarm:
@@ -210,7 +214,7 @@ async def test_a_full_upload_slot_is_announced_on_the_have_stream(
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(os.urandom(3 * CS))
-    manifest = await _publish(seeder.url, src)
+    _, manifest = await _push(seeder.url, src)
     store = ChunkStore(tmp_path / "data")
     # One slot at CS bytes/s: an upload of one chunk holds it for about a second.
     config = SwarmPullConfig(seeder=seeder.url, node_id="p", max_upload_rate=CS, upload_slots=1)
