@@ -1,4 +1,4 @@
-"""Cutting bytes into chunks, and the chunk codec (zstd or raw) with its verification.
+"""The chunk codec (zstd or raw) and its verification; `scan.py` cuts files into chunks.
 
 Every receiver goes through `decode_chunk`: it bounds the output to the declared
 size before decompressing (a hostile frame cannot make us allocate more) and
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
 
 import zstandard
 
@@ -27,15 +26,6 @@ ChunkBytes = bytes | bytearray | memoryview
 
 class ChunkError(ValueError):
     """Chunk bytes that do not decode or do not match their digest."""
-
-
-def split(data: bytes, chunk_size: int) -> Iterator[bytes]:
-    """Fixed-size pieces of `data`; the last may be shorter; none for empty input."""
-    if chunk_size < 1:
-        raise ValueError("chunk size must be positive")
-    view = memoryview(data)
-    for off in range(0, len(data), chunk_size):
-        yield bytes(view[off : off + chunk_size])
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:

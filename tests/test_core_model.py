@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import msgpack
@@ -12,21 +13,67 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from manifests.chunking import ChunkError, decode_chunk, encode_chunk, split, verify_chunk
+from distd.materialize import materialize
+from manifests.chunking import ChunkError, decode_chunk, encode_chunk, verify_chunk
 from manifests.model import Chunk, Encoding, Entry, Kind, Manifest, ManifestError
+from manifests.push import read_source
 from manifests.scan import scan_tree
 from manifests.validate import MAX_NAME_BYTES, decode_manifest, validate_path
 
 # --- chunking and the chunk codec -------------------------------------------------------
 
 
-@given(st.binary(max_size=5000), st.integers(min_value=1, max_value=700))
-def test_split_then_join_is_identity(data: bytes, chunk_size: int) -> None:
-    pieces = list(split(data, chunk_size))
-    assert b"".join(pieces) == data
-    assert len(pieces) == -(-len(data) // chunk_size)
-    assert all(len(p) == chunk_size for p in pieces[:-1])
-    assert all(0 < len(p) <= chunk_size for p in pieces)
+def _content(kind: str, size: int, seed: int) -> bytes:
+    """Random bytes, or runs that repeat so one file holds identical chunks."""
+    rnd = random.Random(seed)
+    if kind == "random":
+        return rnd.randbytes(size)
+    if kind == "zeros":
+        return bytes(size)
+    unit = rnd.randbytes(rnd.randrange(1, 9))
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+@st.composite
+def _files(draw: st.DrawFn) -> tuple[int, list[bytes]]:
+    """A chunk size of 1 B..64 KiB and up to three files of up to four chunks and a byte,
+    sizes near chunk boundaries drawn often."""
+    cs = draw(st.one_of(st.integers(1, 64), st.integers(1, 64 << 10)))
+    files = []
+    for _ in range(draw(st.integers(1, 3))):
+        near = st.builds(lambda n, d: max(0, n * cs + d), st.integers(0, 4), st.integers(-1, 1))
+        size = draw(st.one_of(near, st.integers(0, 4 * cs + 1)))
+        kind = draw(st.sampled_from(["random", "zeros", "pattern"]))
+        files.append(_content(kind, size, draw(st.integers(0, 2**32))))
+    return cs, files
+
+
+@settings(max_examples=60, deadline=None)
+@given(_files())
+def test_scan_then_materialize_is_identity(case: tuple[int, list[bytes]]) -> None:
+    """Chunking is the production path end to end: `scan_tree` cuts and hashes, the push's
+    `read_source` reads each chunk back, `materialize` writes the files from the chunks."""
+    cs, files = case
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dest = Path(tmp) / "src", Path(tmp) / "dest"
+        src.mkdir()
+        for i, data in enumerate(files):
+            (src / f"f{i}").write_bytes(data)
+        scan = scan_tree(src, cs, workers=2)
+        raw = {d: read_source(s) for d, s in scan.sources.items()}
+        for digest, chunk in raw.items():
+            assert hashlib.sha256(chunk).hexdigest() == digest
+            assert len(chunk) == scan.sources[digest].size
+        for e in scan.entries:
+            sizes = [len(raw[d]) for d in e.chunks]
+            assert sum(sizes) == e.size
+            assert all(n == cs for n in sizes[:-1])
+            assert all(0 < n <= cs for n in sizes[-1:])
+        table = {d: Chunk(d, len(b), len(b), Encoding.RAW) for d, b in raw.items()}
+        manifest = Manifest.build(scan.entries, table, cs)
+        materialize(manifest, lambda digest, size: raw[digest], dest)
+        for i, data in enumerate(files):
+            assert (dest / f"f{i}").read_bytes() == data
 
 
 @given(st.one_of(st.binary(min_size=1, max_size=20000), st.text(min_size=1).map(str.encode)))
