@@ -86,6 +86,8 @@ class Daemon:
         self.catalog.on_have.append(self._on_have)
         self.feeders: dict[str, StageFeeder] = {}  # images being materialized as they arrive
         self.workers: dict[str, asyncio.Task[None]] = {}
+        # name -> digest, as the seeder last said; None until it has said anything
+        self.assigned: dict[str, str] | None = None
         self.address = config.advertise
         self.stop = asyncio.Event()
         self.announce_now = asyncio.Event()
@@ -141,7 +143,9 @@ class Daemon:
                         "error": image.error or None,
                     }
                 )
-        rows.sort(key=lambda r: (r["name"], r["digest"]))
+        # A name's ready copy first: during a switch the old version is listed (ready)
+        # beside the new one (pulling), and a reader taking the first row gets a tree.
+        rows.sort(key=lambda r: (r["name"], r["state"] != State.READY.value, r["digest"]))
         return {"node_id": self.cfg.node_id, "images": rows}
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -258,6 +262,7 @@ class Daemon:
         could not be taken in (its manifest not fetched or not saved)."""
         assert self.client is not None
         complete = True
+        self.assigned = {a["name"]: a["digest"] for a in assignments}
         wanted: dict[str, set[str]] = {}
         for a in assignments:
             wanted.setdefault(a["digest"], set()).add(a["name"])
@@ -283,19 +288,44 @@ class Daemon:
                     )
                     complete = False
                     continue
-            image.names = names
-            image.remove_at = None
             self._start(image)
-        now = time.monotonic()
-        for image in self.catalog.images.values():
-            if image.digest not in wanted and image.remove_at is None:
-                image.remove_at = now + self.cfg.gc_grace
-                image.names = set()
-                log.info(
-                    "image %s unassigned; removing in %.0fs", image.digest[:16], self.cfg.gc_grace
-                )
+        self._settle()
         self.announce_now.set()
         return complete
+
+    def _settle(self) -> None:
+        """Give every image its names and start the grace of those no name needs.
+
+        A name that moved to a version not ready yet stays on the ready copy it had,
+        so the node never lacks a ready copy of it: the old version's grace starts
+        at the switch (called again whenever an image becomes ready). An image whose
+        names were unassigned outright starts its grace at once.
+        """
+        if self.assigned is None:
+            return  # restored images wait for the first assignment
+        now = time.monotonic()
+        for image in self.catalog.images.values():
+            names = {n for n, d in self.assigned.items() if d == image.digest}
+            if image.state is State.READY and image.remove_at is None:
+                names |= {n for n in image.names if self._switch_pending(n)}
+            image.names = names
+            if names:
+                image.remove_at = None
+            elif image.remove_at is None:
+                image.remove_at = now + self.cfg.gc_grace
+                log.info(
+                    "image %s no longer needed; removing in %.0fs",
+                    image.digest[:16],
+                    self.cfg.gc_grace,
+                )
+
+    def _switch_pending(self, name: str) -> bool:
+        """True if `name` is assigned to a version this node does not hold ready yet."""
+        digest = (self.assigned or {}).get(name)
+        if digest is None:
+            return False
+        new = self.catalog.images.get(digest)
+        return new is None or new.state is not State.READY
 
     # --- pulling ---------------------------------------------------------------------------
 
@@ -370,6 +400,7 @@ class Daemon:
             image.finished = time.monotonic()
             self.metrics.pull_seconds.observe(image.finished - image.started)
             log.info("image %s ready in %.2fs", image.digest[:16], image.finished - image.started)
+            self._settle()  # the versions it replaces start their grace now
             self.announce_now.set()
             return
 

@@ -292,44 +292,79 @@ def test_fleet_finishes_after_the_seeder_dies() -> None:
 
 # -- d: a name that moves, then goes away ----------------------------------------------------
 
+GRACE = 4.0  # --gc-grace of the moving-name test: shorter than its new version's pull
+
 
 def test_new_version_fetches_changed_chunks_and_unassign_removes_everything() -> None:
+    """A name moved to a new version keeps its ready old copy, listed and intact, until
+    the new one is ready (the switch), even though the pull outlasts --gc-grace; the
+    old copy goes a grace after the switch. Unassigned, the image stays on disk during
+    the grace and is then removed with every chunk."""
     name = "swarm/moving:v1"
     with (
         scratch("moving") as work,
         Cluster(
             work / "cluster",
             nodes=2,
-            rate=8 * MIB,
-            daemon_args=[*FAST, "--gc-grace", "1"],
+            rate=MIB,  # v2's 7 new MiB take >= 7 s to leave the seeder: > GRACE
+            daemon_args=[*FAST, "--gc-grace", str(GRACE)],
         ) as cluster,
     ):
-        tree = make_random_tree(work / "tree", 12 * MIB, files=3, seed=5)
+        tree = make_random_tree(work / "tree", 4 * MIB, files=3, seed=5)
+        v1_tree = snapshot(tree.root)
         v1, m1 = push(cluster, tree.root, name, MIB)
         t0 = cluster.assign(name, selector="bench=1")
         cluster.wait_ready(name, since=t0, timeout=GENEROUS, digest=v1.digest)
         before = {n.node_id: cluster.metrics(n).received for n in cluster.nodes}
 
-        # Rewrite the first MiB of the big file: one chunk of the image changes.
+        # Rewrite the first MiB of the big file and add a layer: 7 chunks change.
         big = tree.root / "disk.img"
         with big.open("r+b") as f:
             f.write(os.urandom(MIB))
+        (tree.root / "layers" / "new.bin").write_bytes(os.urandom(6 * MIB))
         tree = ImageTree.scan(tree.root)
-        v2, m2 = push(cluster, tree.root, name, MIB)
+        v2, m2 = push(cluster, tree.root, name, MIB)  # moves the name: the nodes follow
         assert v2.digest != v1.digest
         old = {c.digest for c in m1.chunks}
         changed = [c for c in m2.chunks if c.digest not in old]
-        assert len(changed) == 1, "the test means to change exactly one chunk"
+        assert len(changed) == 7, "the test means to change 7 chunks"
         changed_bytes = sum(c.stored_size for c in changed)
         one_chunk = max(c.stored_size for c in m2.chunks)
 
-        cluster.wait_ready(name, since=time.monotonic(), timeout=GENEROUS, digest=v2.digest)
+        # Every answer until the switch names v1, ready, its tree whole at its path.
+        v1_path = {str(n.data_dir / "images" / v1.digest) for n in cluster.nodes}
+        overlap = dict.fromkeys((n.node_id for n in cluster.nodes), 0)
+        last_v1: dict[str, float] = {}  # when the last answer naming v1 was asked for
+        pending = list(cluster.nodes)
+        deadline = time.monotonic() + GENEROUS
+        while pending:
+            assert time.monotonic() < deadline, "v2 never got ready"
+            for node in list(pending):
+                asked = time.monotonic()
+                rows = [r for r in cluster.status(node)["images"] if r["name"] == name]
+                first = rows[0]
+                if first["digest"] == v2.digest and first["state"] == "ready":
+                    # The switch came after `asked` of the last v1 answer: inside the grace.
+                    v1_there = os.path.isdir(first["path"].replace(v2.digest, v1.digest))
+                    if time.monotonic() - last_v1[node.node_id] < GRACE:
+                        assert v1_there, f"{node.node_id}: v1 removed before its grace"
+                    assert len(rows) == 1, rows  # v1 is no longer listed
+                    pending.remove(node)
+                    continue
+                assert first["digest"] == v1.digest and first["state"] == "ready", rows
+                assert first["path"] in v1_path, first
+                assert snapshot(first["path"]) == v1_tree, f"{node.node_id}: v1 tree changed"
+                last_v1[node.node_id] = asked
+                if any(r["digest"] == v2.digest for r in rows[1:]):
+                    overlap[node.node_id] += 1  # v2 known and not ready; v1 still stands
+            time.sleep(0.1)
+        # Each node was seen pulling v2 while v1 stood in (v2 takes seconds): not vacuous.
+        assert all(n >= 3 for n in overlap.values()), overlap
+
         assert_identical(cluster, cluster.nodes, name, tree)
         for node in cluster.nodes:
             delta = cluster.metrics(node).received - before[node.node_id]
             assert changed_bytes <= delta <= changed_bytes + one_chunk, (node.node_id, delta)
-            r = row(cluster, node, name)
-            assert r is not None and r["digest"] == v2.digest and r["state"] == "ready"
 
         # The old version goes after its grace; chunks only it used go with it.
         new = {c.digest for c in m2.chunks}
@@ -342,7 +377,18 @@ def test_new_version_fetches_changed_chunks_and_unassign_removes_everything() ->
         for node in cluster.nodes:
             wait_for(f"{node.node_id} to drop v1", lambda: dropped_v1(node))  # noqa: B023
 
+        t_unassign = time.monotonic()
         unassign(cluster, name, "bench=1")
+        for node in cluster.nodes:
+            wait_for(
+                f"{node.node_id} to stop listing the image",
+                lambda: cluster.status(node)["images"] == [],  # noqa: B023
+            )
+        # The daemons learnt of it after t_unassign: within GRACE of it, the tree is there.
+        present = [(n.data_dir / "images" / v2.digest).is_dir() for n in cluster.nodes]
+        seen = time.monotonic() - t_unassign
+        assert seen < GRACE, f"took {seen:.1f} s to see the unassign: cannot check the grace"
+        assert all(present), "removed before the grace elapsed"
 
         def removed(node: Node) -> bool:
             images = node.data_dir / "images"
