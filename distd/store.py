@@ -97,6 +97,9 @@ class ChunkStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, StoredChunk] = {}
         self._bytes = 0
+        # Writes in progress, by digest: one at a time per digest, so two encodings of
+        # the same chunk can never both land on disk.
+        self._writing: dict[str, asyncio.Future[StoredChunk]] = {}
         self.listeners: list[Callable[[StoredChunk], None]] = []
         self.recent = RecentChunks(RECENT_BYTES)
         self.swept = self._load()
@@ -117,7 +120,15 @@ class ChunkStore:
                 enc = _BY_SUFFIX.get("." + suffix) if dot else None
                 if enc is None or len(digest) != 64:
                     continue
-                self._add(StoredChunk(digest, enc, f.stat().st_size))
+                info = StoredChunk(digest, enc, f.stat().st_size)
+                old = self._index.get(digest)
+                if old is not None:
+                    # Both encodings on disk (left by an older version): keep the smaller,
+                    # so a delete cannot leave the other behind to come back at reopen.
+                    keep, drop = (old, info) if old.stored_size <= info.stored_size else (info, old)
+                    self.path(digest, drop.encoding).unlink(missing_ok=True)
+                    info = keep
+                self._add(info)
         return swept
 
     def _add(self, info: StoredChunk) -> None:
@@ -175,18 +186,47 @@ class ChunkStore:
     ) -> bool:
         """Verify and store; False if already held. Raises ChunkError on a content mismatch.
 
+        A put of a digest being written waits for that write, then answers as if the
+        chunk had been held (or writes it itself if that write failed).
         The store keeps a reference to `payload` (see `RecentChunks`): do not change it.
         """
-        if digest in self._index:
-            return False
-        info = await asyncio.to_thread(self._write, digest, payload, Encoding(encoding), size)
-        if digest in self._index:
-            return False
-        self.recent.add(digest, payload)
+        while True:
+            if digest in self._index:
+                return False
+            pending = self._writing.get(digest)
+            if pending is None:
+                break
+            await asyncio.wait([pending])
+        loop = asyncio.get_running_loop()
+        write = loop.run_in_executor(None, self._write, digest, payload, Encoding(encoding), size)
+        self._writing[digest] = write
+        try:
+            info = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The thread goes on: others stay off this digest until it ends, and what it
+            # wrote is indexed then.
+            write.add_done_callback(lambda f: self._written(digest, f, payload))
+            raise
+        except BaseException:
+            del self._writing[digest]
+            raise
+        del self._writing[digest]
+        self._stored(info, payload)
+        return True
+
+    def _written(
+        self, digest: str, write: asyncio.Future[StoredChunk], payload: ChunkBytes
+    ) -> None:
+        """A cancelled put's write ended: release the digest, index what landed."""
+        del self._writing[digest]
+        if not write.cancelled() and write.exception() is None:
+            self._stored(write.result(), payload)
+
+    def _stored(self, info: StoredChunk, payload: ChunkBytes) -> None:
+        self.recent.add(info.digest, payload)
         self._add(info)
         for cb in self.listeners:
             cb(info)
-        return True
 
     def read(self, info: StoredChunk) -> ChunkBytes:
         """The chunk's payload, from memory when it was stored recently (blocking)."""
@@ -225,4 +265,9 @@ class ChunkStore:
         if info is None:
             return
         self._bytes -= info.stored_size
-        await asyncio.to_thread(self.path(digest, info.encoding).unlink, True)
+        await asyncio.to_thread(self._unlink_all, digest)
+
+    def _unlink_all(self, digest: str) -> None:
+        # Every encoding: a file left in the other one would bring the chunk back at reopen.
+        for enc in _SUFFIX:
+            self.path(digest, enc).unlink(missing_ok=True)

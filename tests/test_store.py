@@ -63,6 +63,61 @@ async def test_concurrent_writers_of_the_same_chunk(tmp_path: Path) -> None:
     assert store.total_bytes == len(payload)
 
 
+def _files(root: Path, digest: str) -> list[str]:
+    return sorted(p.name for p in (root / "chunks").rglob(digest + "*"))
+
+
+async def test_one_chunk_put_in_two_encodings_at_once_is_stored_once(tmp_path: Path) -> None:
+    """Raw and zstd puts of one digest race: one file, so a delete removes the chunk for
+    good instead of a reopen finding the other encoding's file."""
+    store = ChunkStore(tmp_path)
+    data = b"compressible " * 100_000
+    d, enc, packed = _chunk(data)
+    assert enc is Encoding.ZSTD
+    puts = [store.put(d, data, Encoding.RAW, len(data)), store.put(d, packed, enc, len(data))]
+    assert sorted(await asyncio.gather(*puts)) == [False, True]
+    assert len(_files(tmp_path, d)) == 1
+    info = store.info(d)
+    assert info is not None and store.total_bytes == info.stored_size
+    await store.delete(d)
+    assert _files(tmp_path, d) == [] and not ChunkStore(tmp_path).has(d)
+
+
+async def test_a_cancelled_put_still_holds_the_digest_until_its_write_ends(
+    tmp_path: Path,
+) -> None:
+    """Cancelling a put does not stop its thread: a put in the other encoding meanwhile
+    must wait for it (and find the chunk held) rather than write a second file."""
+    store = ChunkStore(tmp_path)
+    data = b"compressible " * 400_000
+    d, enc, packed = _chunk(data)
+    first = asyncio.create_task(store.put(d, data, Encoding.RAW, len(data)))
+    await asyncio.sleep(0)  # its write is in a thread now
+    first.cancel()
+    assert not await store.put(d, packed, enc, len(data))
+    assert _files(tmp_path, d) == [d + ".raw"] and store.has(d)
+    assert store.total_bytes == len(data)
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_digest_on_disk_in_both_encodings_is_kept_once(tmp_path: Path) -> None:
+    """A store left with both files (by an older version): the reopen keeps one and counts
+    it once; a delete removes every encoding."""
+    store = ChunkStore(tmp_path)
+    data = b"compressible " * 10_000
+    d, enc, packed = _chunk(data)
+    await store.put(d, packed, enc, len(data))
+    store.path(d, Encoding.RAW).write_bytes(data)
+    reopened = ChunkStore(tmp_path)
+    assert _files(tmp_path, d) == [d + ".zst"]  # the smaller one stays
+    assert reopened.total_bytes == len(packed)
+    assert reopened.read_verified(d, len(data)) == data
+    store.path(d, Encoding.RAW).write_bytes(data)
+    await reopened.delete(d)
+    assert _files(tmp_path, d) == [] and not ChunkStore(tmp_path).has(d)
+
+
 async def test_temp_files_from_a_crash_are_swept_at_open(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path)
     d, enc, payload = _chunk(b"abc" * 999)
