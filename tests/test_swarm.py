@@ -32,6 +32,7 @@ from bench.cluster import (
     Cluster,
     ImageTree,
     Node,
+    NodeSpec,
     PushResult,
     child_env,
     make_random_tree,
@@ -267,10 +268,19 @@ def test_chunk_rotted_in_the_store_is_fetched_again() -> None:
 
 
 def test_fleet_finishes_after_the_seeder_dies() -> None:
+    """The seeder is killed as soon as the fleet holds every chunk between them, while
+    one node (its download capped at a quarter of the others') is far from done."""
     name = "swarm/orphan:v1"
+    slow = NodeSpec(download_rate=2 * MIB)  # 24 MiB take it >= 12 s; the fleet covers in ~3
     with (
         scratch("orphan") as work,
-        Cluster(work / "cluster", nodes=4, rate=8 * MIB, daemon_args=FAST) as cluster,
+        Cluster(
+            work / "cluster",
+            nodes=4,
+            rate=8 * MIB,
+            specs=[NodeSpec()] * 3 + [slow],
+            daemon_args=FAST,
+        ) as cluster,
     ):
         tree = make_random_tree(work / "tree", 24 * MIB, files=3, seed=3)
         pushed, manifest = push(cluster, tree.root, name, 2 * MIB)
@@ -286,6 +296,8 @@ def test_fleet_finishes_after_the_seeder_dies() -> None:
         wait_for("the fleet to hold every chunk between them", covered)
         assert cluster.seeder is not None
         cluster.seeder.kill()
+        lacking = [n.node_id for n in cluster.nodes if not wanted <= stored(n).keys()]
+        assert lacking, "killed too late: every node already held every chunk"
         cluster.wait_ready(name, since=t0, timeout=GENEROUS, digest=pushed.digest)
         assert_identical(cluster, cluster.nodes, name, tree)
 
