@@ -231,6 +231,25 @@ def test_node_killed_half_way_resumes_without_refetching() -> None:
         # Nothing it held was thrown away.
         assert set(held) <= set(stored(victim))
 
+        # A node restarted with its image ready keeps it ready and fetches nothing:
+        # every answer lists it ready, through the first assignment after the restart.
+        cluster.stop_node(other)
+        cluster.restart_node(other)
+        answers = 0
+        deadline = time.monotonic() + 2.5  # > 2 announce intervals: the assignment is in
+
+        def settled() -> bool:
+            nonlocal answers
+            rows = cluster.status(other)["images"]
+            answers += 1
+            assert [(r["digest"], r["state"]) for r in rows] == [(pushed.digest, "ready")], rows
+            return time.monotonic() > deadline and rows[0]["name"] == name
+
+        wait_for("the restarted node to list its image by name", settled)
+        assert answers > 1
+        assert cluster.metrics(other).received == 0
+        assert_identical(cluster, [other], name, tree)
+
 
 def test_chunk_rotted_in_the_store_is_fetched_again() -> None:
     """A stored chunk whose file no longer matches its digest (bit rot, a stray write)
@@ -409,6 +428,28 @@ def test_new_version_fetches_changed_chunks_and_unassign_removes_everything() ->
 
         for node in cluster.nodes:
             wait_for(f"{node.node_id} to remove the image", lambda: removed(node))  # noqa: B023
+
+
+# -- --no-p2p: the central-distributor baseline ---------------------------------------------
+
+
+def test_no_p2p_fleet_takes_every_byte_from_the_seeder() -> None:
+    """`--no-p2p` (the bench's baseline) pulls from the seeder alone and serves nobody."""
+    name = "swarm/central:v1"
+    with (
+        scratch("central") as work,
+        Cluster(work / "cluster", nodes=2, rate=8 * MIB, p2p=False, daemon_args=FAST) as cluster,
+    ):
+        tree = make_random_tree(work / "tree", 8 * MIB, files=2, seed=8)
+        pushed, manifest = push(cluster, tree.root, name, MIB)
+        t0 = cluster.assign(name)
+        cluster.wait_ready(name, since=t0, timeout=GENEROUS, digest=pushed.digest)
+        assert_identical(cluster, cluster.nodes, name, tree)
+        for node_id, m in cluster.scrape().items():
+            assert m.from_peers == 0 and m.sent == 0, (node_id, m)
+            assert m.from_seeder >= manifest.stored_size, (node_id, m)
+        sent, where = cluster.seeder_sent_bytes()
+        assert sent >= 2 * manifest.stored_size, (sent, where)
 
 
 # -- f: a peer that lies -------------------------------------------------------------------
