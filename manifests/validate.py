@@ -32,20 +32,26 @@ MAX_FILE_SIZE = 1 << 50
 MAX_LINK_TARGET_BYTES = 4095
 
 
+def _short(value: object) -> str:
+    """A value for an error line: hostile strings can be as long as the manifest."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def validate_path(path: object) -> str:
     """Return `path` if it is a safe relative POSIX path inside an image root, else raise."""
     if not isinstance(path, str):
-        raise ManifestError(f"path {path!r} is not a string")
+        raise ManifestError(f"path {_short(path)} is not a string")
     try:
         raw = path.encode("utf-8")
     except UnicodeEncodeError:
-        raise ManifestError(f"path {path!r} is not valid UTF-8") from None
+        raise ManifestError(f"path {_short(path)} is not valid UTF-8") from None
     if not raw:
         raise ManifestError("path is empty")
-    if b"\0" in raw:
-        raise ManifestError(f"path {path!r} contains a NUL byte")
     if len(raw) > MAX_PATH_BYTES:
         raise ManifestError(f"path {path[:60]!r}... is longer than {MAX_PATH_BYTES} bytes")
+    if b"\0" in raw:
+        raise ManifestError(f"path {path!r} contains a NUL byte")
     if raw.startswith(b"/"):
         raise ManifestError(f"path {path!r} is absolute")
     for part in raw.split(b"/"):
@@ -62,7 +68,7 @@ def validate_path(path: object) -> str:
 
 def _int(value: object, what: str, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ManifestError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
+        raise ManifestError(f"{what} must be an integer in [{lo}, {hi}], got {_short(value)}")
     return value
 
 
@@ -89,7 +95,7 @@ def _decode_chunk(i: int, row: object, chunk_size: int) -> Chunk:
     try:
         encoding = Encoding(r[3])
     except ValueError:
-        raise ManifestError(f"{what} has unknown encoding {r[3]!r}") from None
+        raise ManifestError(f"{what} has unknown encoding {_short(r[3])}") from None
     if encoding is Encoding.RAW and stored != size:
         raise ManifestError(f"{what} is raw but its stored size {stored} != size {size}")
     if encoding is Encoding.ZSTD and stored >= size:
@@ -109,7 +115,7 @@ def _decode_entry(i: int, row: object, table: dict[str, Chunk]) -> Entry:
     try:
         kind = Kind(r[1])
     except ValueError:
-        raise ManifestError(f"{what} has unknown kind {r[1]!r}") from None
+        raise ManifestError(f"{what} has unknown kind {_short(r[1])}") from None
     mode = _int(r[2], f"{what} mode", 0, 0o7777)
     if kind is Kind.DIR:
         _list(r, what, 3)
@@ -119,7 +125,11 @@ def _decode_entry(i: int, row: object, table: dict[str, Chunk]) -> Entry:
         target = r[3]
         if not isinstance(target, str) or not target or "\0" in target:
             raise ManifestError(f"{what} symlink target must be a non-empty string without NUL")
-        if len(target.encode("utf-8", "surrogatepass")) > MAX_LINK_TARGET_BYTES:
+        try:
+            target_bytes = len(target.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ManifestError(f"{what} symlink target is not valid UTF-8") from None
+        if target_bytes > MAX_LINK_TARGET_BYTES:
             raise ManifestError(f"{what} symlink target is over {MAX_LINK_TARGET_BYTES} bytes")
         return Entry(path, kind, mode, target=target)
     _list(r, what, 6)
@@ -162,15 +172,19 @@ def _check_tree(entries: list[Entry]) -> None:
 def decode_manifest(data: bytes) -> Manifest:
     """Parse and fully validate canonical manifest bytes."""
     if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest is {len(data)} bytes, over {MAX_MANIFEST_BYTES}")
+        raise ManifestError(
+            f"manifest is {len(data)} bytes, over the limit of {MAX_MANIFEST_BYTES}"
+        )
     try:
         doc = msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
             strict_map_key=True,
-            max_str_len=MAX_PATH_BYTES * 4,
-            max_bin_len=64,
+            # Invalid UTF-8 decodes to lone surrogates, and strings and bins are bounded
+            # only by the (bounded) input, so that the checks below can reject them
+            # with the entry and the rule rather than a bare decoder error.
+            unicode_errors="surrogateescape",
             max_array_len=max(MAX_ENTRIES, MAX_MANIFEST_BYTES // 33),
             max_map_len=0,
             max_ext_len=0,
@@ -179,13 +193,13 @@ def decode_manifest(data: bytes) -> Manifest:
         raise ManifestError(f"manifest is not valid msgpack: {e}") from None
     top = _list(doc, "manifest", 5)
     if top[0] != FORMAT_TAG:
-        raise ManifestError(f"not a manifest (format tag {top[0]!r})")
+        raise ManifestError(f"not a manifest (format tag {_short(top[0])})")
     if top[1] != FORMAT_VERSION:
-        raise ManifestError(f"unsupported manifest version {top[1]!r}")
+        raise ManifestError(f"unsupported manifest version {_short(top[1])}")
     chunk_size = _int(top[2], "chunk size", 1, MAX_CHUNK_SIZE)
     rows = _list(top[3], "entries")
     if len(rows) > MAX_ENTRIES:
-        raise ManifestError(f"manifest has {len(rows)} entries, over {MAX_ENTRIES}")
+        raise ManifestError(f"manifest has {len(rows)} entries, over the limit of {MAX_ENTRIES}")
     chunk_rows = _list(top[4], "chunk table")
     chunks = [_decode_chunk(i, row, chunk_size) for i, row in enumerate(chunk_rows)]
     table: dict[str, Chunk] = {}

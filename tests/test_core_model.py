@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distd.materialize import materialize
+from manifests import validate
 from manifests.chunking import ChunkError, decode_chunk, encode_chunk, verify_chunk
 from manifests.model import Chunk, Encoding, Entry, Kind, Manifest, ManifestError
 from manifests.push import read_source
@@ -273,6 +274,70 @@ def test_hostile_manifests_are_refused_with_the_rule(
     with pytest.raises(ManifestError, match=rule.replace("(", r"\(")) as info:
         decode_manifest(_doc(entries, chunks))
     assert "\n" not in str(info.value)
+
+
+def _with_bad_utf8(doc: bytes, placeholder: str) -> bytes:
+    """`doc` with "BAD" in the msgpack str `placeholder` turned into invalid UTF-8."""
+    packed = msgpack.packb(placeholder)
+    assert doc.count(packed) == 1
+    return doc.replace(packed, packed.replace(b"BAD", b"\xff\xfe\xfd"))
+
+
+_LONG = "x" * 20_000
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            _with_bad_utf8(_doc([["d", "dir", 0o755], ["d/BAD", "dir", 0o755]], []), "d/BAD"),
+            "entry 1: path 'd/\\udcff\\udcfe\\udcfd' is not valid UTF-8",
+        ),
+        (
+            _with_bad_utf8(_doc([["l", "symlink", 0o777, "BADBAD"]], []), "BADBAD"),
+            "entry 'l' symlink target is not valid UTF-8",
+        ),
+        (
+            _doc([["d", "dir", 0o755], ["d/" + _LONG, "dir", 0o755]], []),
+            "entry 1: path 'd/xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... "
+            "is longer than 4096 bytes",
+        ),
+        (
+            _doc([["l", "symlink", 0o777, _LONG]], []),
+            "entry 'l' symlink target is over 4095 bytes",
+        ),
+        (
+            _doc([["d", _LONG, 0o755]], []),
+            "entry 'd' has unknown kind '" + "x" * 76 + "...",
+        ),
+    ],
+    ids=["path-not-utf8", "target-not-utf8", "path-too-long", "target-too-long", "kind-long"],
+)
+def test_bad_strings_are_refused_naming_entry_and_rule(doc: bytes, message: str) -> None:
+    """Invalid UTF-8 and over-long strings get the entry and the rule, not a decoder error."""
+    with pytest.raises(ManifestError) as info:
+        decode_manifest(doc)
+    assert str(info.value) == message
+
+
+def test_entry_count_limit_is_a_one_line_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validate, "MAX_ENTRIES", 3)
+    dirs: list[list[object]] = [[f"d{i}", "dir", 0o755] for i in range(4)]
+    assert len(decode_manifest(_doc(dirs[:3], [])).entries) == 3
+    with pytest.raises(ManifestError) as info:
+        decode_manifest(_doc(dirs, []))
+    assert str(info.value) == "manifest has 4 entries, over the limit of 3"
+
+
+def test_manifest_size_limit_is_a_one_line_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    dirs: list[list[object]] = [[f"d{i:02}", "dir", 0o755] for i in range(20)]
+    data = _doc(dirs, [])
+    monkeypatch.setattr(validate, "MAX_MANIFEST_BYTES", len(data))
+    assert len(decode_manifest(data).entries) == 20
+    bigger = _doc([*dirs, ["e", "dir", 0o755]], [])
+    with pytest.raises(ManifestError) as info:
+        decode_manifest(bigger)
+    assert str(info.value) == f"manifest is {len(bigger)} bytes, over the limit of {len(data)}"
 
 
 def test_chunk_table_rules() -> None:
