@@ -1,4 +1,5 @@
-"""The operator CLI: `manifests push | inspect | list | assign | unassign | assignments`.
+"""The operator CLI: `manifests push | inspect | list | assign | unassign | assignments |
+nodes`.
 
 Exit codes are a contract scripts rely on: 0 success, 1 a runtime failure reported
 as ONE line `manifests: <what is wrong>` (never a traceback), 2 a usage error.
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node's labels k=v[,k=v...] (with --node)",
     )
     asg.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    nodes = sub.add_parser("nodes", help="list the nodes that registered and when last seen")
+    nodes.add_argument("--json", action="store_true", help="JSON instead of a table")
     return p
 
 
@@ -340,6 +344,20 @@ async def cmd_assignments(client: SeederClient, args: argparse.Namespace) -> int
     return 0
 
 
+async def cmd_nodes(client: SeederClient, args: argparse.Namespace) -> int:
+    rows = await client.nodes()
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif rows:
+        cells = [
+            [str(r.get(k, "")) for k in ("id", "labels", "address")] + [_when(r.get("last_seen"))]
+            for r in rows
+        ]
+        print(table(cells, ["NODE", "LABELS", "ADDRESS", "LAST SEEN"]))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[SeederClient, argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "push": cmd_push,
     "inspect": cmd_inspect,
@@ -347,6 +365,7 @@ COMMANDS: dict[str, Callable[[SeederClient, argparse.Namespace], Coroutine[Any, 
     "assign": cmd_assign,
     "unassign": cmd_unassign,
     "assignments": cmd_assignments,
+    "nodes": cmd_nodes,
 }
 
 

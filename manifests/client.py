@@ -407,6 +407,11 @@ class SeederClient:
         _, body, _ = await self._call("GET", "/v1/names", context="cannot list names")
         return list(body)
 
+    async def nodes(self) -> list[dict[str, Any]]:
+        """The nodes that registered: `[{"id", "labels", "address", "last_seen"}]`."""
+        _, body, _ = await self._call("GET", "/v1/nodes", context="cannot list nodes")
+        return list(body)
+
     @staticmethod
     def _rule(name: str, node: str | None, selector: str | Mapping[str, str] | None) -> Any:
         if (node is None) == (selector is None):

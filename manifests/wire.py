@@ -17,12 +17,14 @@ JSON otherwise, so `curl` works; writes need `Authorization: Bearer <push token>
     PUT    /v1/names/{name}   {"digest": hex} -> 200 (the manifest must be published first)
     GET    /v1/assignments[?node=ID&labels=k=v,...]
                                 -> rules [{"name", "node", "selector"}] or, with node,
-                                   resolved [{"name", "digest"}]
+                                   resolved [{"name", "digest"}] (a preview: records nothing)
     POST   /v1/assignments    {"name", "node" | "selector"}  -> 201 / 200
     DELETE /v1/assignments    {"name", "node" | "selector"}  -> 200 / 404
+    GET    /v1/nodes          -> [{"id", "labels": "k=v,...", "address", "last_seen": unix s}]
     POST   /v1/nodes/{id}     {"labels": {k: v}, "address", "zone", "known": etag, "wait": s}
                                 -> {"assignments": [{"name", "digest"}], "etag"}; a long poll:
-                                   answered at once if etag != known, else on change or timeout
+                                   answered at once if etag != known, else on change or timeout;
+                                   the only request that records a node as seen
     POST   /v1/announce       {"image", "node_id", "address", "zone", "have", "total"}
                                 -> {"peers": [{"node_id", "address", "zone", "have", "total",
                                    "seeder"}], "interval": seconds}   (the tracker)

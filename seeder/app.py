@@ -340,10 +340,16 @@ async def get_assignments(request: web.Request) -> web.Response:
         if labels_text:
             raise ApiError(400, "'labels' only makes sense with 'node'")
         return respond(request, await s.db(s.registry.list_assignments))
-    node = _node_id(node)
+    # A preview for the operator (`manifests assignments --node`): it does not record
+    # the node; only a daemon's registration (`register_node`) does.
     labels = wire.parse_labels(labels_text)
-    await s.db(s.registry.node_seen, node, labels, request.remote or "")
-    return respond(request, await s.db(s.registry.resolve, node, labels))
+    return respond(request, await s.db(s.registry.resolve, _node_id(node), labels))
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    """The nodes that registered (id, labels, address, last seen), kept across restarts."""
+    s = _seeder(request)
+    return respond(request, await s.db(s.registry.nodes))
 
 
 async def add_assignment(request: web.Request) -> web.Response:
@@ -484,6 +490,7 @@ def make_app(
     r.add_get("/v1/assignments", get_assignments)
     r.add_post("/v1/assignments", add_assignment)
     r.add_delete("/v1/assignments", remove_assignment)
+    r.add_get("/v1/nodes", list_nodes)
     r.add_post("/v1/nodes/{node}", register_node)
     r.add_post("/v1/announce", announce)
     return app

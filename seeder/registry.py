@@ -235,9 +235,14 @@ class Registry:
         self._seen[node] = (text, address, now)
 
     def nodes(self) -> list[dict[str, Any]]:
-        return [
-            {"id": i, "labels": lab, "address": a, "last_seen": t}
-            for i, lab, a, t in self._db.execute(
-                "SELECT id, labels, address, last_seen FROM nodes ORDER BY id"
-            )
-        ]
+        """Every node that registered, by id; `last_seen` as fresh as this process knows
+        (the row itself is rewritten only every NODE_SEEN_WRITE_INTERVAL)."""
+        out = []
+        for i, lab, a, t in self._db.execute(
+            "SELECT id, labels, address, last_seen FROM nodes ORDER BY id"
+        ):
+            seen = self._seen.get(i)
+            if seen is not None:
+                lab, a, t = seen[0], seen[1], max(t, seen[2])
+            out.append({"id": i, "labels": lab, "address": a, "last_seen": t})
+        return out

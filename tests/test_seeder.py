@@ -353,19 +353,27 @@ async def test_assignments_by_node_and_selector(seeder: SeederProcess) -> None:
         assert await c.assignments(node="node-2", labels="arch=arm64,zone=fra3") == []
 
 
-async def test_restart_keeps_names_manifests_and_assignments(seeder: SeederProcess) -> None:
+async def test_restart_keeps_names_manifests_assignments_and_nodes(seeder: SeederProcess) -> None:
+    """Also the nodes seen: recorded by a daemon's registration only (the operator's
+    assignment preview for "n9" records nothing), listed by GET /v1/nodes."""
     files = {"a": os.urandom(2000), "b": b"bbb" * 500}
+    t0 = time.time()
     async with client(seeder) as c:
         digest = await publish(c, files)
         await c.set_name("team/app:v1", digest)
         await c.assign("team/app:v1", node="n1")
         await c.assign("team/app:v1", selector="zone=a")
+        await c.register("d1", labels={"zone": "a", "arch": "x86"}, address="127.0.0.1:9001")
         before = (
             await c.get_manifest(digest),
             await c.name_info("team/app:v1"),
             await c.assignments(),
             await c.assignments(node="n9", labels="zone=a"),
+            await c.nodes(),
         )
+    [node] = before[-1]
+    assert node["id"] == "d1" and node["labels"] == "arch=x86,zone=a"
+    assert node["address"] == "127.0.0.1:9001" and t0 <= node["last_seen"] <= time.time()
     for hard in (False, True):
         seeder.restart(hard=hard)
         async with client(seeder) as c:
@@ -374,6 +382,7 @@ async def test_restart_keeps_names_manifests_and_assignments(seeder: SeederProce
                 await c.name_info("team/app:v1"),
                 await c.assignments(),
                 await c.assignments(node="n9", labels="zone=a"),
+                await c.nodes(),
             )
             assert after == before
             _, chunks = make_manifest(files)
@@ -381,6 +390,28 @@ async def test_restart_keeps_names_manifests_and_assignments(seeder: SeederProce
                 [],
                 {d: (len(p), e) for d, e, p, _ in chunks},
             )
+
+
+async def test_nodes_seen_need_the_cluster_token_and_show_in_the_cli(
+    seeder_proc: SeederFactory,
+) -> None:
+    cluster = "cluster-secret-0123456789"
+    s = seeder_proc(extra_args=("--cluster-token", cluster))
+    async with SeederClient(s.url, None, cluster_token=cluster) as c:
+        await c.register("rack1-n7", labels={"zone": "fra3"}, address="10.0.0.7:7701")
+    assert await raw_request(s, "GET", "/v1/nodes") == (401, {"error": "missing or wrong token"})
+
+    def nodes_cli(*extra: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SEEDER_", "DIST_"))}
+        cmd = [sys.executable, "-m", "manifests.cli", "--seeder", s.url, *extra, "nodes"]
+        return subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=60)
+
+    r = nodes_cli()
+    assert (r.returncode, r.stderr.count("\n")) == (1, 1) and "token" in r.stderr, r.stderr
+    r = nodes_cli("--cluster-token", cluster)
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads(r.stdout)
+    assert (row["id"], row["labels"], row["address"]) == ("rack1-n7", "zone=fra3", "10.0.0.7:7701")
 
 
 # -- client errors ---------------------------------------------------------
