@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -256,6 +256,7 @@ async def metrics(request: web.Request) -> web.Response:
     lines = []
     for key, value in sorted(values.items()):
         lines += [f"# TYPE seeder_{key}_total counter", f"seeder_{key}_total {value}"]
+    s.tracker.expire(asyncio.get_running_loop().time())  # count live members only
     lines += ["# TYPE seeder_tracker_members gauge", f"seeder_tracker_members {len(s.tracker)}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -446,6 +447,15 @@ async def announce(request: web.Request) -> web.Response:
     return respond(request, out)
 
 
+async def _sweep_tracker(tracker: Tracker) -> None:
+    """Drop expired members every ttl/2: otherwise the swarms of images nobody announces
+    any more stay in memory, since the tracker sweeps a swarm only when asked for it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(tracker.ttl / 2)
+        tracker.expire(loop.time())
+
+
 def make_app(
     data_dir: str | Path,
     push_token: str,
@@ -474,6 +484,14 @@ def make_app(
     async def _shutdown(_: web.Application) -> None:
         seeder.close_polls()
 
+    async def _sweeping(_: web.Application) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_tracker(seeder.tracker))
+        yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+
+    app.cleanup_ctx.append(_sweeping)
     app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_close)
     r = app.router

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from conftest import PUSH_TOKEN, SeederFactory, SeederProcess
 
 from distd.ratelimit import TokenBucket
@@ -25,6 +26,7 @@ from manifests import wire
 from manifests.chunking import encode_chunk, sha256_hex
 from manifests.client import SeederClient, SeederError
 from manifests.model import Chunk, Encoding, Entry, Kind, Manifest
+from seeder.app import SEEDER, make_app
 
 # -- helpers ---------------------------------------------------------------
 
@@ -412,6 +414,49 @@ async def test_nodes_seen_need_the_cluster_token_and_show_in_the_cli(
     assert r.returncode == 0, r.stderr
     [row] = json.loads(r.stdout)
     assert (row["id"], row["labels"], row["address"]) == ("rack1-n7", "zone=fra3", "10.0.0.7:7701")
+
+
+_IMAGE = sha256_hex(b"an image nobody pulls any more")
+
+
+async def _members_gauge(c: TestClient[Any, Any]) -> int:
+    text = await (await c.get("/metrics")).text()
+    [line] = [x for x in text.splitlines() if x.startswith("seeder_tracker_members ")]
+    return int(line.split()[1])
+
+
+async def test_tracker_drops_members_that_stop_announcing(tmp_path: Path) -> None:
+    """The app sweeps the tracker on its own (no request for the swarm needed)."""
+    app = make_app(tmp_path, PUSH_TOKEN)
+    tracker = app[SEEDER].tracker
+    tracker.ttl = 0.4
+    async with TestClient(TestServer(app)) as c:
+        for node in ("gone", "stays"):
+            body = {"image": _IMAGE, "node_id": node, "address": f"{node}:1"}
+            assert (await c.post("/v1/announce", json=body)).status == 200
+        assert await _members_gauge(c) == 2
+        for _ in range(12):  # 1.2 s: three ttls for "gone", "stays" keeps announcing
+            await asyncio.sleep(0.1)
+            body = {"image": _IMAGE, "node_id": "stays", "address": "stays:1"}
+            assert (await c.post("/v1/announce", json=body)).status == 200
+        assert list(tracker.swarms[_IMAGE].members) == ["stays"]
+        assert await _members_gauge(c) == 1
+        await asyncio.sleep(1.0)
+        assert tracker.swarms == {}  # the whole swarm went, not just its members
+        assert await _members_gauge(c) == 0
+
+
+async def test_members_gauge_counts_only_live_members(tmp_path: Path) -> None:
+    """Between two sweeps (here the first is 15 s away) an expired member is not counted."""
+    app = make_app(tmp_path, PUSH_TOKEN)
+    tracker = app[SEEDER].tracker
+    async with TestClient(TestServer(app)) as c:
+        tracker.ttl = 0.2  # for this announce; the sweeper already waits the default ttl/2
+        body = {"image": _IMAGE, "node_id": "brief", "address": "brief:1"}
+        assert (await c.post("/v1/announce", json=body)).status == 200
+        assert await _members_gauge(c) == 1
+        await asyncio.sleep(0.3)
+        assert await _members_gauge(c) == 0
 
 
 # -- client errors ---------------------------------------------------------
