@@ -404,3 +404,36 @@ def test_scan_file_sha_is_whole_file_sha(tmp_path: Path) -> None:
     assert by_path["f"].sha256 == _digest(data)
     assert len(by_path["f"].chunks) == 16
     assert by_path["g"].sha256 == _digest(data[:50]) == by_path["g"].chunks[0]
+
+
+def test_hard_link_becomes_two_files_sharing_chunks(tmp_path: Path) -> None:
+    """The issue's rule: a hard link is not a kind of entry; both names are files whose
+    chunks are stored once, and the materialized image has two independent files."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    data = os.urandom(3 * 64 + 5)
+    (src / "orig").write_bytes(data)
+    os.link(src / "orig", src / "d" / "link")
+    scan = scan_tree(src, 64, workers=2)
+    files = {e.path: e for e in scan.entries if e.kind is Kind.FILE}
+    assert sorted(files) == ["d/link", "orig"]
+    a, b = files["orig"], files["d/link"]
+    assert (
+        (a.size, a.sha256, a.chunks)
+        == (b.size, b.sha256, b.chunks)
+        == (
+            len(data),
+            _digest(data),
+            a.chunks,
+        )
+    )
+    assert len(a.chunks) == 4 and len(scan.sources) == 4 and scan.chunk_refs == 8
+    raw = {d: read_source(s) for d, s in scan.sources.items()}
+    table = {d: Chunk(d, len(v), len(v), Encoding.RAW) for d, v in raw.items()}
+    manifest = Manifest.build(scan.entries, table, 64)
+    assert len(manifest.chunks) == 4
+    dest = tmp_path / "dest"
+    materialize(manifest, lambda digest, size: raw[digest], dest)
+    for path in ("orig", "d/link"):
+        assert (dest / path).read_bytes() == data
+        assert os.stat(dest / path).st_nlink == 1
