@@ -4,9 +4,12 @@ signal, and the behaviour the issue asks for measured rather than assumed:
 
 1. lossy links: 5% of chunk transfers between peers reset or stall mid-way; the fleet
    still converges byte-identical within 2x the clean run's time (same fleet, same
-   test), plus one request deadline for a known issue that an xfail test pins down:
-   stalls holding every request slot of a node stop it until the deadline;
-2. a lying peer: claims every chunk, serves wrong, short, long or cut bytes; it is
+   test; one second of slack for scheduling noise on a loaded machine; over that, the
+   test is xfail for a known issue, see KNOWN_IDLE, and fails past a deadline); and a node
+   whose first requests to peers all stall turns to other sources well before the
+   request deadline;
+2. a lying peer: claims every chunk, serves wrong, short, long or cut bytes, or (a
+   bogus bitfield) answers that it does not hold the chunks it claimed; it is
    detected, banned (asked a bounded number of times), and the fleet is not slowed
    by much more than the clean run;
 3. the seeder dies mid-repave: nodes finish what the swarm holds, wait without a
@@ -20,7 +23,10 @@ signal, and the behaviour the issue asks for measured rather than assumed:
    whole again within an announce interval.
 
 Every figure a test measures is printed (`pytest -s` shows them), so the closing
-note of the issue can quote them. Data dirs live on /dev/shm when there is one.
+note of the issue can quote them: one `[fault N ...]` line per test (treeutil.
+fault_figures) with seconds to converge against the same fleet's clean run, bytes
+refetched (chunk bytes received beyond one copy of the image per node) and the VmHWM
+peaks of the daemons and the seeder. Data dirs live on /dev/shm when there is one.
 """
 
 from __future__ import annotations
@@ -40,7 +46,15 @@ import pytest
 from aiohttp import web
 from faultproxy import Faults, HttpProxy, ProxyLoop, ProxyStats, TcpProxy
 from test_swarm import assert_identical, push, row, stored
-from treeutil import scratch, wait_for
+from treeutil import (
+    Peaks,
+    fault_figures,
+    hwm_bytes,
+    received_total,
+    reset_hwm,
+    scratch,
+    wait_for,
+)
 
 from bench.cluster import (
     HOST,
@@ -54,6 +68,7 @@ from bench.cluster import (
     make_random_tree,
     parse_prometheus,
     sample,
+    t_min,
 )
 from distd.swarm import bitfield
 from distd.swarm.scheduler import SchedulerConfig
@@ -169,12 +184,18 @@ LOSSY_RATE = 8 * MIB
 LOSS_CHUNK = MIB
 # 5% of chunk transfers between peers (each MiB a connection carries) reset or stall.
 LOSS = Faults(rate=0.05, stall_share=0.6, unit=LOSS_CHUNK, seed=2024)
-# How long a stalled chunk request holds its slot: the scheduler's request deadline.
+# How long a stalled chunk request could hold its slot: the scheduler's request deadline.
 DEADLINE = SchedulerConfig().timeout_base + LOSS_CHUNK / SchedulerConfig().timeout_min_rate
-# Known issue (see the xfail test below): when stalls hold *every* request slot of a node
-# at once, it waits out a whole deadline, which on a pull this short is more than the 2x.
-# Until that is fixed, the bound allows one deadline on top of twice the clean time.
-STALL_ALLOWANCE = DEADLINE
+# The bound is twice the clean time, plus this for scheduling noise: on a two-core machine
+# shared with other test runs, one 3-4 s pull of five daemons varies by some tenths of a
+# second from run to run. Not a stall: waiting out one deadline (7 s) would break it.
+JITTER = 1.0
+# Known issue: in most runs (5 of 6 on 2 December) one node, late in the pull and with
+# every other node done, sends no request for some 4.5 s (no failure, no 404 in its
+# log), then gets its last chunks in under a second: 8.3-9.4 s against a 3.4 s clean
+# run. Until that is fixed, going over 2x (+ JITTER) marks the test xfail with the
+# figures; going over by more than one request deadline fails it.
+KNOWN_IDLE = DEADLINE
 
 
 def test_lossy_links_converge_within_twice_the_clean_time() -> None:
@@ -191,7 +212,7 @@ def test_lossy_links_converge_within_twice_the_clean_time() -> None:
             clean_tree = image_tree(work, "clean", 24 * MIB, seed=11)
             lossy_tree = image_tree(work, "lossy", 24 * MIB, seed=12)
             clean, _ = push(cluster, clean_tree.root, "faults/clean:v1", LOSS_CHUNK)
-            lossy, _ = push(cluster, lossy_tree.root, "faults/lossy:v1", LOSS_CHUNK)
+            lossy, lossy_manifest = push(cluster, lossy_tree.root, "faults/lossy:v1", LOSS_CHUNK)
 
             t0 = cluster.assign(clean.name)
             clean_times = cluster.wait_ready(clean.name, since=t0, timeout=WAIT)
@@ -206,6 +227,8 @@ def test_lossy_links_converge_within_twice_the_clean_time() -> None:
             before = {n.node_id: cluster.metrics(n) for n in cluster.nodes}
             t0 = cluster.assign(lossy.name)
             lossy_times = cluster.wait_ready(lossy.name, since=t0, timeout=WAIT)
+            peaks = Peaks()
+            peaks.see(cluster)
 
             assert_identical(cluster, cluster.nodes, clean.name, clean_tree)
             assert_identical(cluster, cluster.nodes, lossy.name, lossy_tree)
@@ -217,20 +240,28 @@ def test_lossy_links_converge_within_twice_the_clean_time() -> None:
             # Bytes the proxies passed on that no node kept: transfers cut or frozen midway
             # (plus the have-streams and HTTP headers, a few KiB).
             wasted = sum(p.stats.bytes_down for p in proxies) - from_peers
-            report(
-                "lossy",
-                clean_s=round(slowest(clean_times), 2),
-                lossy_s=round(slowest(lossy_times), 2),
-                ratio=round(slowest(lossy_times) / slowest(clean_times), 2),
+            fault_figures(
+                "1 lossy links",
+                converge_s=slowest(lossy_times),
+                clean_s=slowest(clean_times),
+                received=sum(after[k].received - before[k].received for k in after),
+                nodes=LOSSY_NODES,
+                stored_size=lossy_manifest.stored_size,
+                peaks=peaks,
                 connections=connections,
                 broken=broken,
                 stalled=stalled,
                 from_peers_mib=round(from_peers / MIB, 1),
-                wasted_mib=round(wasted / MIB, 2),
+                cut_mib=round(wasted / MIB, 2),
             )
             assert broken + stalled >= 1, "the proxies injected no fault: the test shows nothing"
-            bound = 2 * slowest(clean_times) + STALL_ALLOWANCE
-            assert slowest(lossy_times) <= bound, (lossy_times, clean_times)
+            bound = 2 * slowest(clean_times) + JITTER
+            assert slowest(lossy_times) <= bound + KNOWN_IDLE, (lossy_times, clean_times)
+            if slowest(lossy_times) > bound:
+                pytest.xfail(
+                    f"known issue (KNOWN_IDLE): lossy {slowest(lossy_times):.2f} s > 2 x clean "
+                    f"{slowest(clean_times):.2f} s + {JITTER:g} s; per node {lossy_times}"
+                )
 
 
 STALL_NODES = 2  # hold the image, reached through proxies that stall
@@ -252,13 +283,15 @@ def test_stalled_peers_do_not_hold_up_a_node_for_a_whole_deadline() -> None:
             for node, proxy in zip(cluster.nodes, proxies, strict=False):
                 proxy.target = (HOST, port_of(node.url))
             tree = image_tree(work, "tree", 12 * MIB, seed=13)
-            push(cluster, tree.root, name, LOSS_CHUNK)
+            _, manifest = push(cluster, tree.root, name, LOSS_CHUNK)
             t0 = cluster.assign(name)
             cluster.wait_ready(name, since=t0, timeout=WAIT)
+            joined: list[Node] = []
 
             def join(proxy: TcpProxy) -> float:
                 t = time.monotonic()
                 (node,) = cluster.start_nodes(1)
+                joined.append(node)
                 proxy.target = (HOST, port_of(node.url))
                 return cluster.wait_ready(name, since=t, timeout=WAIT, nodes=[node])[node.node_id]
 
@@ -273,10 +306,16 @@ def test_stalled_peers_do_not_hold_up_a_node_for_a_whole_deadline() -> None:
                 proxy.set_faults(stall)
             stalled = join(proxies[STALL_NODES + 1])
             assert_identical(cluster, cluster.nodes, name, tree)
-            report(
-                "stalled peers",
-                clean_join_s=round(clean, 2),
-                stalled_join_s=round(stalled, 2),
+            peaks = Peaks()
+            peaks.see(cluster)
+            fault_figures(
+                "1 stalled peers",
+                converge_s=stalled,
+                clean_s=clean,
+                received=received_total(cluster, joined[-1:]),
+                nodes=1,
+                stored_size=manifest.stored_size,
+                peaks=peaks,
                 stalls=sum(p.stats.stalled for p in proxies),
                 deadline_s=DEADLINE,
             )
@@ -285,15 +324,16 @@ def test_stalled_peers_do_not_hold_up_a_node_for_a_whole_deadline() -> None:
 
 # -- 2. a lying peer -------------------------------------------------------------------------
 
-LIAR_ID = "liar"
 LIAR_MODES = ("wrong", "short", "long", "cut")
+BOGUS_MODES = ("missing",)  # a bogus bitfield: claims every chunk, holds none
 
 
 class Liar:
     """A fake node in the image's swarm: announces itself with every chunk, hands every
     follower a full bitfield, and answers chunk requests with, in turn, random bytes of
     the right length, half the bytes (declared so), more bytes than the chunk holds, and
-    the right length declared but the connection cut half way.
+    the right length declared but the connection cut half way. With `modes=BOGUS_MODES`
+    it answers every request 404 instead: the bitfield it handed out was bogus.
 
     Its have-stream ends after `stream_seconds`, as a flaky link or a cunning liar would
     have it: a ban must outlive the stream it was earned on, or the liar is asked again
@@ -301,15 +341,23 @@ class Liar:
     """
 
     def __init__(
-        self, seeder_url: str, token: str, manifest: Manifest, stream_seconds: float = 0.5
+        self,
+        seeder_url: str,
+        token: str,
+        manifest: Manifest,
+        stream_seconds: float = 0.5,
+        node_id: str = "liar",
+        modes: Sequence[str] = LIAR_MODES,
     ) -> None:
+        self.node_id = node_id
+        self.modes = tuple(modes)
         self.seeder_url = seeder_url
         self.token = token
         self.manifest = manifest
         self.stream_seconds = stream_seconds
         self.sizes = {c.digest: c.stored_size for c in manifest.chunks}
         self.requests = 0
-        self.by_mode = dict.fromkeys(LIAR_MODES, 0)
+        self.by_mode = dict.fromkeys(self.modes, 0)
         self.follows: dict[str, int] = {}  # follower node id -> have-streams opened
         self.announces = 0
         self.address = ""
@@ -342,7 +390,7 @@ class Liar:
             while True:
                 with contextlib.suppress(Exception):
                     await client.announce(
-                        self.manifest.digest, LIAR_ID, address=self.address, have=n, total=n
+                        self.manifest.digest, self.node_id, address=self.address, have=n, total=n
                     )
                     self.announces += 1
                 await asyncio.sleep(0.3)
@@ -363,9 +411,11 @@ class Liar:
         size = self.sizes.get(request.match_info["digest"])
         if size is None:
             return web.Response(status=404)
-        mode = LIAR_MODES[self.requests % len(LIAR_MODES)]
+        mode = self.modes[self.requests % len(self.modes)]
         self.requests += 1
         self.by_mode[mode] += 1
+        if mode == "missing":
+            return web.Response(status=404)
         headers = {wire.H_ENCODING: Encoding.RAW.value, wire.H_SIZE: str(size)}
         if mode == "wrong":
             return web.Response(body=os.urandom(size), headers=headers)
@@ -390,43 +440,76 @@ LIAR_RATE = 4 * MIB
 # chunk bans it for a minute, far longer than this test: so at most one rejected chunk
 # per node, and a handful of requests, whatever the liar does with its have-streams.
 LIAR_MAX_REQUESTS_PER_NODE = 3
+# A bogus bitfield: "I do not hold it" for a chunk the peer claimed is no lie a digest can
+# prove, and the first one only backs the peer off (it may be a race); the second bans it
+# like a liar, however often it re-sends its bitfield (Penalties.missing_strikes). So two
+# requests per node (one at a time per peer). Without the ban each node asked it again
+# after every backoff and every reconnection: 11 requests in a 7 s pull, and counting.
+BOGUS_MAX_REQUESTS_PER_NODE = 2
 
 
 def test_lying_peer_is_banned_and_does_not_slow_the_fleet() -> None:
+    """The same fleet pulls one image with no liar (the clean run), one with a liar that
+    serves bad bytes, then one with a peer whose bitfield is bogus (every chunk 404)."""
     with scratch("liar") as work, ProxyLoop() as loop:
         cluster = Cluster(work / "cluster", nodes=LIAR_NODES, rate=LIAR_RATE, daemon_args=FAST)
         with cluster:
-            clean_tree = image_tree(work, "clean", 24 * MIB, seed=21)
-            liar_tree = image_tree(work, "lied", 24 * MIB, seed=22)
-            clean, _ = push(cluster, clean_tree.root, "faults/honest:v1", MIB)
-            lied, manifest = push(cluster, liar_tree.root, "faults/lied:v1", MIB)
+            trees = {
+                k: image_tree(work, k, 24 * MIB, seed=21 + i)
+                for i, k in enumerate(("clean", "lied", "bogus"))
+            }
+            clean, _ = push(cluster, trees["clean"].root, "faults/honest:v1", MIB)
+            lied, manifest = push(cluster, trees["lied"].root, "faults/lied:v1", MIB)
+            bogus_image, bogus_manifest = push(cluster, trees["bogus"].root, "faults/bogus:v1", MIB)
 
             t0 = cluster.assign(clean.name)
             clean_times = cluster.wait_ready(clean.name, since=t0, timeout=WAIT)
+            received0 = received_total(cluster)
+
+            def pull_beside(liar: Liar, name: str) -> dict[str, float]:
+                loop.run(liar.start())
+                try:
+                    wait_for(f"{liar.node_id} to announce", lambda: liar.announces > 0, 10)
+                    t0 = cluster.assign(name)
+                    times = cluster.wait_ready(name, since=t0, timeout=WAIT)
+                    # A little longer in the swarm: it must not be asked again meanwhile.
+                    time.sleep(2 * INTERVAL)
+                finally:
+                    loop.run(liar.close())
+                return times
 
             liar = Liar(cluster.seeder_url, cluster.token, manifest)
-            loop.run(liar.start())
-            try:
-                wait_for("the liar to announce", lambda: liar.announces > 0, 10)
-                t0 = cluster.assign(lied.name)
-                liar_times = cluster.wait_ready(lied.name, since=t0, timeout=WAIT)
-                # A little longer in the swarm: it must not be asked again meanwhile.
-                time.sleep(2 * INTERVAL)
-            finally:
-                loop.run(liar.close())
+            liar_times = pull_beside(liar, lied.name)
+            bogus = Liar(
+                cluster.seeder_url,
+                cluster.token,
+                bogus_manifest,
+                node_id="bogus",
+                modes=BOGUS_MODES,
+            )
+            bogus_times = pull_beside(bogus, bogus_image.name)
 
-            assert_identical(cluster, cluster.nodes, clean.name, clean_tree)
-            assert_identical(cluster, cluster.nodes, lied.name, liar_tree)
-            rejected = {k: m.chunks_rejected for k, m in cluster.scrape().items()}
-            report(
-                "liar",
-                clean_s=round(slowest(clean_times), 2),
-                liar_s=round(slowest(liar_times), 2),
-                ratio=round(slowest(liar_times) / slowest(clean_times), 2),
+            peaks = Peaks()
+            peaks.see(cluster)
+            for image, tree in zip((clean, lied, bogus_image), trees.values(), strict=True):
+                assert_identical(cluster, cluster.nodes, image.name, tree)
+            scraped = cluster.scrape()
+            rejected = {k: m.chunks_rejected for k, m in scraped.items()}
+            clean_s = slowest(clean_times)
+            fault_figures(
+                "2 lying peer",
+                converge_s=slowest(liar_times),
+                clean_s=clean_s,
+                received=sum(m.received for m in scraped.values()) - received0,
+                nodes=LIAR_NODES,
+                stored_size=manifest.stored_size + bogus_manifest.stored_size,
+                peaks=peaks,
                 requests_to_liar=liar.requests,
-                by_mode=liar.by_mode,
-                follows=liar.follows,
-                rejected=rejected,
+                rejected=int(sum(rejected.values())),
+                bogus_s=round(slowest(bogus_times), 2),
+                bogus_ratio=round(slowest(bogus_times) / clean_s, 2),
+                requests_to_bogus=bogus.requests,
+                follows=sum(liar.follows.values()) + sum(bogus.follows.values()),
             )
             assert liar.requests > 0, "no node ever asked the liar: the test shows nothing"
             # Detected: every node that asked it threw its bytes away and counted them.
@@ -435,11 +518,11 @@ def test_lying_peer_is_banned_and_does_not_slow_the_fleet() -> None:
             # not one more at every reconnection of the liar's have-stream.
             assert max(rejected.values()) <= 1, rejected
             assert liar.requests <= LIAR_MAX_REQUESTS_PER_NODE * LIAR_NODES, liar.by_mode
+            assert bogus.requests > 0, "no node ever asked the bogus peer: it shows nothing"
+            assert bogus.requests <= BOGUS_MAX_REQUESTS_PER_NODE * LIAR_NODES, bogus.follows
             # Not slowed by much more than its share (one peer in five).
-            assert slowest(liar_times) <= 1.5 * slowest(clean_times) + 2.0, (
-                liar_times,
-                clean_times,
-            )
+            for times in (liar_times, bogus_times):
+                assert slowest(times) <= 1.5 * clean_s + 2.0, (times, clean_times)
 
 
 # -- 3. the seeder dies mid-repave and comes back --------------------------------------------
@@ -467,9 +550,12 @@ def test_seeder_death_mid_repave_waits_with_backoff_and_finishes_after_return() 
             front = loop.tcp_proxy(target=(HOST, port_of(cluster.seeder_url)))
             cluster.daemon_args = [*FAST, "--seeder", f"http://{front.address}"]
             cluster.start_nodes(GONE_NODES)
+            clean_tree = image_tree(work, "clean", 24 * MIB, seed=32)
             tree = image_tree(work, "tree", 24 * MIB, seed=31)
+            clean, _ = push(cluster, clean_tree.root, "faults/kept:v1", 2 * MIB)
             pushed, manifest = push(cluster, tree.root, name, 2 * MIB)
             wanted = {c.digest for c in manifest.chunks}
+            peaks = Peaks()
             t0 = cluster.assign(name)
 
             wait_for(
@@ -477,6 +563,7 @@ def test_seeder_death_mid_repave_waits_with_backoff_and_finishes_after_return() 
                 lambda: len(union_stored(cluster.nodes, wanted)) >= len(wanted) // 3,
                 WAIT,
             )
+            peaks.see(cluster)
             seeder_proc(cluster).kill()
             killed_at = time.monotonic()
             time.sleep(0.3)  # transfers cut by the kill are thrown away, not stored
@@ -510,18 +597,32 @@ def test_seeder_death_mid_repave_waits_with_backoff_and_finishes_after_return() 
             restarted = restart_seeder(cluster)
             times = cluster.wait_ready(name, since=t0, timeout=WAIT, digest=pushed.digest)
             after = time.monotonic() - restarted
+            received = received_total(cluster)
+            # The clean run: the same fleet, the seeder up throughout. After the fault, not
+            # before, so that while the seeder is gone each node announces one image only.
+            t1 = cluster.assign(clean.name)
+            clean_s = slowest(cluster.wait_ready(clean.name, since=t1, timeout=WAIT))
+            peaks.see(cluster)
+            assert_identical(cluster, cluster.nodes, clean.name, clean_tree)
             assert_identical(cluster, cluster.nodes, name, tree)
-            report(
-                "seeder gone",
+            gone = restarted - killed_at
+            fault_figures(
+                "3 seeder gone",
+                converge_s=slowest(times),
+                clean_s=clean_s,
+                received=received,
+                nodes=GONE_NODES,
+                stored_size=manifest.stored_size,
+                peaks=peaks,
+                gone_s=round(gone, 1),
+                converge_less_gone_s=round(slowest(times) - gone, 2),
+                ready_after_return_s=round(after, 2),
                 chunks=len(wanted),
                 held_at_kill=len(held),
-                gone_s=round(restarted - killed_at, 1),
                 attempts_per_node_per_s=round(rate, 2),
                 announces_per_node_per_s=round(announces, 2),
                 other_attempts_per_node_per_s=round(others, 2),
-                cpu_share=cpu,
-                ready_after_return_s=round(after, 1),
-                total_s=round(slowest(times), 1),
+                max_cpu_share=max(v for k, v in cpu.items() if k != "seeder"),
             )
             assert announces <= MAX_ANNOUNCES_PER_INTERVAL / INTERVAL, front.stats.refused_log
             assert others <= MAX_OTHER_ATTEMPTS_PER_NODE_PER_SECOND, front.stats.refused_log
@@ -542,7 +643,10 @@ def is_announce(request: web.Request) -> bool:
 def test_nodes_that_met_keep_swapping_chunks_while_the_tracker_is_down() -> None:
     """Daemons reach the seeder through an HTTP proxy; once every node follows every other,
     the proxy answers 503 to every announce (the other routes still work). The seeder is
-    slow: a node that lost its neighbours could only get the image from it, a copy per node."""
+    slow: a node that lost its neighbours could only get the image from it, a copy per node.
+    Then, the tracker back, the same fleet pulls an image of the same size: the clean run.
+    (After, not before: a node counts the neighbours it follows for any image, so a fleet
+    that pulled one already would seem to have met before the outage.)"""
     name = "faults/trackerless:v1"
     with scratch("tracker") as work, ProxyLoop() as loop:
         cluster = Cluster(
@@ -553,7 +657,9 @@ def test_nodes_that_met_keep_swapping_chunks_while_the_tracker_is_down() -> None
             cluster.daemon_args = [*FAST, "--seeder", front.url]
             cluster.start_nodes(TRACKER_NODES)
             tree = image_tree(work, "tree", 24 * MIB, seed=61)
+            clean_tree = image_tree(work, "clean", 24 * MIB, seed=62)
             pushed, manifest = push(cluster, tree.root, name, MIB)
+            clean, _ = push(cluster, clean_tree.root, "faults/tracked:v1", MIB)
             t0 = cluster.assign(name)
 
             def met() -> bool:
@@ -569,19 +675,31 @@ def test_nodes_that_met_keep_swapping_chunks_while_the_tracker_is_down() -> None
             times = cluster.wait_ready(name, since=t0, timeout=WAIT, digest=pushed.digest)
             after = cluster.scrape()
             refused = front.stats.failed - refused_before
+            seeder_sent = seeder_value(cluster, "seeder_bytes_sent_total")
+            front.failing = False
+            t1 = cluster.assign(clean.name)
+            clean_s = slowest(cluster.wait_ready(clean.name, since=t1, timeout=WAIT))
+            peaks = Peaks()
+            peaks.see(cluster)
             assert_identical(cluster, cluster.nodes, name, tree)
+            assert_identical(cluster, cluster.nodes, clean.name, clean_tree)
 
             got = {k: after[k].received - before[k].received for k in after}
             peers = {k: after[k].from_peers - before[k].from_peers for k in after}
             share = sum(peers.values()) / max(1.0, sum(got.values()))
-            report(
-                "tracker down",
+            fault_figures(
+                "6 tracker down",
+                converge_s=slowest(times),
+                clean_s=clean_s,
+                received=sum(m.received for m in after.values()),
+                nodes=TRACKER_NODES,
+                stored_size=manifest.stored_size,
+                peaks=peaks,
                 tracker_down_after_s=round(down_at, 2),
-                done_s=round(slowest(times), 2),
                 announces_refused=refused,
                 mib_after_outage=round(sum(got.values()) / MIB, 1),
                 from_peers_share=round(share, 2),
-                seeder_sent_mib=round(seeder_value(cluster, "seeder_bytes_sent_total") / MIB, 1),
+                seeder_sent_mib=round(seeder_sent / MIB, 1),
             )
             assert refused >= TRACKER_NODES, "the tracker was not asked while it was down"
             # Most of the image was still to come when the tracker went, and most of that came
@@ -602,20 +720,20 @@ MAX_BUSY_PER_NODE_S = 2.0
 MAX_BUSY_PEAK_PER_NODE_S = 8.0
 MAX_REFUSALS_PER_NODE_S = 4.0
 MAX_REFUSALS_PEAK_PER_NODE_S = 15.0
-# The seeder's RSS may grow by a few chunks (the one being uploaded, buffers), never by a
-# chunk per asker (12 x 4 MiB).
+# The seeder's peak RSS (VmHWM) over the pull may exceed its RSS before it by a few chunks
+# (the one being uploaded, buffers), never by a chunk per asker (12 x 4 MiB).
 MAX_SEEDER_GROWTH = 8 * CROWD_CHUNK
 
 
 @dataclass
 class SeederSampler:
-    """Samples the seeder's refusals (busy, deferred answers) and its RSS on a thread:
-    `samples` holds (time.monotonic(), busy so far, deferred so far, RSS bytes)."""
+    """Samples the seeder's refusals (busy, deferred answers) on a thread: `samples` holds
+    (time.monotonic(), busy so far, deferred so far)."""
 
     url: str
     pid: int
     period: float = 0.25
-    samples: list[tuple[float, float, float, int]] = field(default_factory=list)
+    samples: list[tuple[float, float, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -625,8 +743,7 @@ class SeederSampler:
         s = parse_prometheus(body.decode())
         busy = sample(s, "seeder_busy_answers_total")
         deferred = sample(s, "seeder_deferred_answers_total")
-        rss, _ = rss_bytes(self.pid)
-        self.samples.append((time.monotonic(), busy, deferred, rss))
+        self.samples.append((time.monotonic(), busy, deferred))
 
     def _run(self) -> None:
         http = Http(self.url)
@@ -676,7 +793,10 @@ def test_overloaded_seeder_sees_bounded_refusals_and_memory() -> None:
     """Twelve daemons ask a seeder with one upload slot for an image of three big chunks at
     once. Busy answers are met with jittered, doubling backoff and deferred chunks are left
     alone for a while: the seeder's refusals per second stay a few per node, and its memory
-    does not grow with the crowd (one chunk per upload slot, not one per asker)."""
+    does not grow with the crowd (one chunk per upload slot, not one per asker): its peak
+    RSS is read from VmHWM, reset after the push, so no moment between samples is missed.
+    There is no clean run of this fault (the crowd is the fault): the time to compare with
+    is T_min, the floor any distribution of this image to this fleet needs."""
     name = "faults/crowd:v1"
     with scratch("crowd") as work:
         cluster = Cluster(
@@ -689,30 +809,43 @@ def test_overloaded_seeder_sees_bounded_refusals_and_memory() -> None:
         )
         with cluster:
             tree = image_tree(work, "tree", 3 * CROWD_CHUNK, seed=71)
-            pushed, _ = push(cluster, tree.root, name, CROWD_CHUNK)
+            pushed, manifest = push(cluster, tree.root, name, CROWD_CHUNK)
             pid = seeder_proc(cluster).pid
+            # The push raised the seeder's peak: start it afresh (else the peak is the push's,
+            # which only makes the bound harder to meet).
+            hwm_reset = reset_hwm(pid)
             rss0, _ = rss_bytes(pid)
             with SeederSampler(cluster.seeder_url, pid) as sampler:
                 t0 = cluster.assign(name)
                 times = cluster.wait_ready(name, since=t0, timeout=WAIT, digest=pushed.digest)
+            peaks = Peaks()
+            peaks.see(cluster)
+            growth = hwm_bytes(pid) - rss0
             assert_identical(cluster, cluster.nodes, name, tree)
             busy, deferred = sampler.total(1), sampler.total(2)
             per_node_s = sampler.span * CROWD
             busy_peak = sampler.peak_rate([1]) / CROWD
             refusals_peak = sampler.peak_rate([1, 2]) / CROWD
-            growth = max(s[3] for s in sampler.samples) - rss0
-            report(
-                "crowd",
+            floor = t_min(manifest.stored_size, CROWD, 3 * MIB, 3 * MIB, 8 * MIB)
+            fault_figures(
+                "7 overloaded seeder",
+                converge_s=slowest(times),
+                clean_s=None,
+                received=received_total(cluster),
                 nodes=CROWD,
-                done_s=round(slowest(times), 2),
+                stored_size=manifest.stored_size,
+                peaks=peaks,
+                t_min_s=round(floor, 2),
+                ratio_to_t_min=round(slowest(times) / floor, 2),
+                seeder_rss0_mib=round(rss0 / MIB, 1),
+                seeder_hwm_growth_mib=round(growth / MIB, 1),
+                hwm_reset=hwm_reset,
                 busy_answers=int(busy),
                 deferred_answers=int(deferred),
                 busy_per_node_s=round(busy / per_node_s, 2),
                 busy_peak_per_node_s=round(busy_peak, 2),
                 refusals_per_node_s=round((busy + deferred) / per_node_s, 2),
                 refusals_peak_per_node_s=round(refusals_peak, 2),
-                rss0_mib=round(rss0 / MIB, 1),
-                rss_growth_mib=round(growth / MIB, 1),
                 seeder_sent_mib=round(seeder_value(cluster, "seeder_bytes_sent_total") / MIB, 1),
             )
             assert busy > 0, "the seeder was never busy: the test shows nothing"
@@ -720,15 +853,21 @@ def test_overloaded_seeder_sees_bounded_refusals_and_memory() -> None:
             assert busy_peak <= MAX_BUSY_PEAK_PER_NODE_S, sampler.samples
             assert (busy + deferred) / per_node_s <= MAX_REFUSALS_PER_NODE_S, sampler.samples
             assert refusals_peak <= MAX_REFUSALS_PEAK_PER_NODE_S, sampler.samples
-            assert growth <= MAX_SEEDER_GROWTH, sampler.samples
+            assert growth <= MAX_SEEDER_GROWTH, (rss0, growth)
 
 
 # -- 8. the seeder restarts ------------------------------------------------------------------
 
 RESTART_NODES = 4
-# The tracker is whole again within one announce interval of the seeder answering, plus
-# this for the request itself and a reconnection on a busy two-core machine.
-TRACKER_SLACK = 1.0
+# A longer announce interval than the other tests', so that "within one interval" is told
+# apart from "within two" with room for noise. Each daemon announces every interval,
+# failed attempt or not (a refused connection fails at once on loopback), so every one
+# announces within an interval of the seeder listening, and the test starts its clock
+# later, when /healthz answers. On top of the interval the bound allows only the work
+# of the last announce and of the test's /metrics poll (20 ms apart) on a loaded machine.
+RESTART_INTERVAL = 2.0
+RESTART_ARGS = ("--announce-interval", f"{RESTART_INTERVAL:g}", "--gc-grace", "1")
+TRACKER_SLACK = 0.3
 
 
 def registry_view(cluster: Cluster, digest: str) -> tuple[object, object, bytes]:
@@ -747,12 +886,14 @@ def registry_view(cluster: Cluster, digest: str) -> tuple[object, object, bytes]
 def test_seeder_restart_keeps_the_registry_and_rebuilds_the_tracker() -> None:
     name = "faults/durable:v1"
     with scratch("restart") as work:
-        cluster = Cluster(work / "cluster", nodes=RESTART_NODES, rate=16 * MIB, daemon_args=FAST)
+        cluster = Cluster(
+            work / "cluster", nodes=RESTART_NODES, rate=16 * MIB, daemon_args=RESTART_ARGS
+        )
         with cluster:
             tree = image_tree(work, "tree", 8 * MIB, seed=81)
-            pushed, _ = push(cluster, tree.root, name, MIB)
+            pushed, manifest = push(cluster, tree.root, name, MIB)
             t0 = cluster.assign(name)
-            cluster.wait_ready(name, since=t0, timeout=WAIT, digest=pushed.digest)
+            pull_s = slowest(cluster.wait_ready(name, since=t0, timeout=WAIT, digest=pushed.digest))
             wait_for(
                 "every node in the tracker",
                 lambda: seeder_value(cluster, "seeder_tracker_members") == RESTART_NODES,
@@ -760,11 +901,13 @@ def test_seeder_restart_keeps_the_registry_and_rebuilds_the_tracker() -> None:
             )
             before = registry_view(cluster, pushed.digest)
 
+            peaks = Peaks()
+            peaks.see(cluster)
             seeder_proc(cluster).kill()  # SIGKILL: what SQLite committed is all there is
-            time.sleep(2 * INTERVAL)  # every node notices: its announces fail
+            time.sleep(RESTART_INTERVAL + 0.5)  # every node notices: its announces fail
             up = restart_seeder(cluster)
             members: list[tuple[float, float]] = []
-            while time.monotonic() - up < INTERVAL + TRACKER_SLACK + 5:
+            while time.monotonic() - up < RESTART_INTERVAL + TRACKER_SLACK + 5:
                 count = seeder_value(cluster, "seeder_tracker_members")
                 members.append((time.monotonic() - up, count))
                 if count >= RESTART_NODES:
@@ -775,7 +918,7 @@ def test_seeder_restart_keeps_the_registry_and_rebuilds_the_tracker() -> None:
 
             # Assignments still hold: nobody drops the image (--gc-grace is 1 s), and a node
             # that joins now is given it.
-            time.sleep(2 * INTERVAL)
+            time.sleep(RESTART_INTERVAL)
             for node in cluster.nodes:
                 r = row(cluster, node, name)
                 assert r is not None and r["state"] == "ready", (node.node_id, r)
@@ -783,13 +926,21 @@ def test_seeder_restart_keeps_the_registry_and_rebuilds_the_tracker() -> None:
             (late,) = cluster.start_nodes(1)
             t1 = time.monotonic()
             joined = cluster.wait_ready(name, since=t1, timeout=WAIT, nodes=[late])
+            peaks.see(cluster)
             assert_identical(cluster, cluster.nodes, name, tree)
-            report(
-                "seeder restart",
-                tracker_rebuilt_s=round(rebuilt, 2),
-                members_seen=members[-1][1],
+            fault_figures(
+                "8 seeder restart",
+                converge_s=rebuilt,
+                clean_s=None,
+                received=received_total(cluster),
+                nodes=RESTART_NODES + 1,
+                stored_size=manifest.stored_size,
+                peaks=peaks,
+                announce_interval_s=RESTART_INTERVAL,
+                members_seen=int(members[-1][1]),
+                first_pull_s=round(pull_s, 2),
                 late_node_ready_s=round(joined[late.node_id], 2),
             )
             assert after == before, "names, assignments or the manifest changed"
             assert members[-1][1] >= RESTART_NODES, members
-            assert rebuilt <= INTERVAL + TRACKER_SLACK, members
+            assert rebuilt <= RESTART_INTERVAL + TRACKER_SLACK, members

@@ -158,3 +158,83 @@ def mounted(path: Path, *options: str) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# -- figures the fault tests print (issue 6: time against the clean run, bytes refetched,
+# memory peak), one uniform line per fault ----------------------------------------------------
+
+
+def hwm_bytes(pid: int) -> int:
+    """VmHWM (the peak resident set since start, or since `reset_hwm`) of a process, bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key == "VmHWM":
+                return int(rest.split()[0]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def reset_hwm(pid: int) -> bool:
+    """Start VmHWM afresh at the current RSS (`echo 5 > /proc/PID/clear_refs`, Linux 4.0+);
+    False where the kernel or permissions refuse."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class Peaks:
+    """The highest VmHWM seen per process name (seeder, node-01, ...) over all of its
+    incarnations: call `see` before a process is killed or stopped, and at the end."""
+
+    def __init__(self) -> None:
+        self.hwm: dict[str, int] = {}
+
+    def see(self, cluster: Cluster) -> None:
+        for proc in cluster.procs:
+            if proc.alive():
+                with contextlib.suppress(OSError):
+                    peak = hwm_bytes(proc.pid)
+                    self.hwm[proc.name] = max(self.hwm.get(proc.name, 0), peak)
+
+    def daemons(self) -> int:
+        return max((v for k, v in self.hwm.items() if k != "seeder"), default=0)
+
+    def seeder(self) -> int:
+        return self.hwm.get("seeder", 0)
+
+
+def received_total(cluster: Cluster, nodes: list[Node] | None = None) -> float:
+    """Sum of `distd_received_bytes_total` (peer and seeder) over the nodes, now: chunk
+    bytes verified and stored (a transfer cut or thrown away is not counted)."""
+    return sum(m.received for m in cluster.scrape(nodes).values())
+
+
+def fault_figures(
+    fault: str,
+    *,
+    converge_s: float,
+    clean_s: float | None,
+    received: float,
+    nodes: int,
+    stored_size: int,
+    peaks: Peaks,
+    **extra: object,
+) -> str:
+    """Print (and return) the one line of figures of a fault test (`pytest -s` shows it):
+    seconds to converge and the same fleet's clean run (None: no clean run applies),
+    bytes refetched (chunk bytes received over the faulted pull beyond one copy of the
+    image per node) and the VmHWM peaks of the daemons (the highest) and the seeder."""
+    figures: dict[str, object] = {"converge_s": round(converge_s, 2)}
+    if clean_s is not None:
+        figures["clean_s"] = round(clean_s, 2)
+        figures["ratio"] = round(converge_s / clean_s, 2)
+    figures["refetched_mib"] = round((received - nodes * stored_size) / MIB, 2)
+    figures["daemon_hwm_mib"] = round(peaks.daemons() / MIB, 1)
+    figures["seeder_hwm_mib"] = round(peaks.seeder() / MIB, 1)
+    figures.update(extra)
+    line = f"[fault {fault}] " + ", ".join(f"{k}={v}" for k, v in figures.items())
+    print(f"\n{line}", flush=True)
+    return line
