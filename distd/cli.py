@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import ssl
 import sys
@@ -43,6 +44,41 @@ Command = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 def default_data_dir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "p2pdist"
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+class EnvError(ValueError):
+    """A DISTD_* variable that cannot be read; one line that names it."""
+
+
+def env_bool(var: str) -> bool:
+    """The boolean environment variable `var` (unset: False), case-insensitively; anything
+    but 1/true/yes/on or 0/false/no/off/"" is refused rather than guessed at, so that
+    DISTD_NO_P2P=off cannot turn p2p off."""
+    value = os.environ.get(var, "")
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise EnvError(
+        f"{var}={value!r} is not a boolean: use one of {'/'.join(TRUE_WORDS)} "
+        f"or {'/'.join(w for w in FALSE_WORDS if w)}"
+    )
+
+
+def _grace_seconds(text: str) -> float:
+    """--gc-grace: a NaN would never compare due, a negative one is a typo."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not seconds: {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -149,7 +185,7 @@ def add_pull_swarm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-p2p",
         action="store_true",
-        default=env.get("DISTD_NO_P2P", "") not in ("", "0", "false"),
+        default=env_bool("DISTD_NO_P2P"),
         help="pull from the seeder only, serving nobody (env DISTD_NO_P2P)",
     )
     p.add_argument(
@@ -374,9 +410,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     opt(
         "gc-grace",
-        "seconds an unassigned image is kept before removal",
+        "seconds an image no longer assigned is kept before removal (a version replaced "
+        "by a new one: counted from the switch)",
         "60",
-        type=_typed(float, "seconds"),
+        type=_grace_seconds,
         metavar="SECONDS",
     )
     opt(
@@ -403,10 +440,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-p2p",
         action="store_true",
-        default=_env_default("no-p2p", "") not in ("", "0", "false"),
+        default=env_bool("DISTD_NO_P2P"),
         help="pull from the seeder only: the central-distributor baseline (env DISTD_NO_P2P)",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=env_bool("DISTD_VERBOSE"),
+        help="debug logging (env DISTD_VERBOSE)",
+    )
 
 
 def cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -526,7 +569,11 @@ def _fail(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except EnvError as e:
+        print(f"distd: {e}", file=sys.stderr, flush=True)
+        return 2
     args = parser.parse_args(argv)
     func: Command = args.func
     try:

@@ -1,0 +1,126 @@
+"""`distd run` configuration: every flag from `DISTD_<FLAG>`, one strict boolean reading
+of the environment, and values refused before the daemon starts.
+
+The CLI's own parser is built under a patched environment (the defaults are read from
+it when the parser is built), so nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distd import cli
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def run_parser() -> argparse.ArgumentParser:
+    """The `run` subcommand's parser, as `main` builds it."""
+    parser: argparse.ArgumentParser = cli.build_parser().parse_args(["run"]).parser
+    return parser
+
+
+def env_cases(tmp_path: Path) -> dict[str, tuple[str, str, Any]]:
+    """{flag: (env value, dest, parsed value)}; every value differs from the default."""
+    return {
+        "--seeder": ("http://seeder.example:7700", "seeder", "http://seeder.example:7700"),
+        "--listen": ("127.0.0.2:7800", "listen", ("127.0.0.2", 7800)),
+        "--data-dir": (str(tmp_path / "d"), "data_dir", tmp_path / "d"),
+        "--node-id": ("env-node", "node_id", "env-node"),
+        "--advertise": ("10.0.0.5:7701", "advertise", "10.0.0.5:7701"),
+        "--labels": ("rack=r1,role=worker", "labels", {"rack": "r1", "role": "worker"}),
+        "--zone": ("z2", "zone", "z2"),
+        "--max-upload-rate": ("160Mbit", "max_upload_rate", 20_000_000),
+        "--max-download-rate": ("8MiB", "max_download_rate", 8 << 20),
+        "--upload-slots": ("3", "upload_slots", 3),
+        "--cache-max-bytes": ("1GiB", "cache_max_bytes", 1 << 30),
+        "--gc-grace": ("2.5", "gc_grace", 2.5),
+        "--max-inflight": ("7", "max_inflight", 7),
+        "--per-peer-inflight": ("5", "per_peer_inflight", 5),
+        "--announce-interval": ("0.5", "announce_interval", 0.5),
+        "--no-p2p": ("yes", "no_p2p", True),
+        "--verbose": ("on", "verbose", True),
+        "--cluster-token": (TOKEN, "cluster_token", TOKEN),
+        "--tls-cert": ("/etc/distd/cert.pem", "tls_cert", "/etc/distd/cert.pem"),
+        "--tls-key": ("/etc/distd/key.pem", "tls_key", "/etc/distd/key.pem"),
+        "--tls-ca": ("/etc/distd/ca.pem", "tls_ca", "/etc/distd/ca.pem"),
+    }
+
+
+def env_name(flag: str) -> str:
+    return "DISTD_" + flag.removeprefix("--").upper().replace("-", "_")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DISTD_* from the machine running the tests leaks into a case."""
+    for var in [v for v in os.environ if v.startswith("DISTD_")]:
+        monkeypatch.delenv(var)
+
+
+def test_every_run_flag_is_read_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cases = env_cases(tmp_path)
+    flags = {
+        max(a.option_strings, key=len)
+        for a in run_parser()._actions
+        if a.option_strings and a.dest != "help"
+    }
+    assert flags == set(cases), "a flag of `distd run` without a case here (or one gone)"
+    defaults = run_parser().parse_args([])
+    for flag, (value, dest, parsed) in cases.items():
+        assert getattr(defaults, dest) != parsed, f"{flag}: the case cannot tell env from default"
+        monkeypatch.setenv(env_name(flag), value)
+    args = run_parser().parse_args([])
+    for flag, (_value, dest, parsed) in cases.items():
+        assert getattr(args, dest) == parsed, (flag, env_name(flag))
+    # The command line still wins over the environment.
+    assert run_parser().parse_args(["--zone", "z9", "--gc-grace", "0"]).zone == "z9"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "Yes", "on", " On "])
+def test_true_words_turn_a_boolean_on(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTD_NO_P2P", value)
+    assert run_parser().parse_args([]).no_p2p is True
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "False", "no", "NO", "off", "Off"])
+def test_false_words_leave_a_boolean_off(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTD_NO_P2P", value)
+    assert run_parser().parse_args([]).no_p2p is False
+
+
+@pytest.mark.parametrize("var", ["DISTD_NO_P2P", "DISTD_VERBOSE"])
+@pytest.mark.parametrize("value", ["maybe", "2", "nope"])
+def test_other_boolean_words_are_refused_naming_the_variable(
+    var: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(var, value)
+    assert cli.main(["run", "--seeder", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"distd: {var}="), err
+
+
+@pytest.mark.parametrize("grace", ["-1", "-0.5", "nan", "NaN"])
+def test_negative_or_nan_gc_grace_is_a_usage_error(
+    grace: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as flag:
+        cli.main(["run", "--seeder", "http://127.0.0.1:1", "--gc-grace", grace])
+    assert flag.value.code == 2
+    assert "--gc-grace" in capsys.readouterr().err
+    monkeypatch.setenv("DISTD_GC_GRACE", grace)
+    with pytest.raises(SystemExit) as env:
+        cli.main(["run", "--seeder", "http://127.0.0.1:1"])
+    assert env.value.code == 2
+    assert "--gc-grace" in capsys.readouterr().err
+
+
+def test_zero_gc_grace_is_allowed() -> None:
+    assert run_parser().parse_args(["--gc-grace", "0"]).gc_grace == 0.0
