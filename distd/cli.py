@@ -403,7 +403,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     opt(
         "cache-max-bytes",
-        "keep chunks no assigned image uses up to this size",
+        "keep up to this many bytes of chunks no image on this node uses (0: delete "
+        "them as soon as unused); chunks in use never count",
         "0",
         type=_typed(parse_size, "a size"),
         metavar="SIZE",

@@ -163,15 +163,23 @@ class Daemon:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def restore(self) -> None:
+        """Re-learn the images of a previous run, then drop the chunks none of them uses
+        beyond the cache budget (left by a crash during a removal, or a smaller
+        --cache-max-bytes than last time)."""
         restored = self.catalog.load()
-        if restored:
+        deleted = await self._collect_garbage()
+        if restored or deleted:
             log.info(
-                "restored %d images and %d chunks from %s",
+                "restored %d images and %d chunks from %s (%d unused chunks deleted)",
                 restored,
                 len(self.store),
                 self.cfg.data_dir,
+                deleted,
             )
+
+    async def run(self) -> None:
+        await self.restore()
         host, port = self.cfg.listen
         ready = asyncio.Event()
 
@@ -458,12 +466,18 @@ class Daemon:
         log.info("image %s removed (%d chunks deleted)", image.digest[:16], deleted)
 
     async def _collect_garbage(self) -> int:
-        """Delete chunks no known image uses, keeping up to --cache-max-bytes of them."""
-        unused = [d for d in self.store.digests() if d not in self.catalog.users]
-        deleted = 0
-        for d in unused:
-            if self.store.total_bytes <= self.cfg.cache_max_bytes:
-                break
+        """Delete the chunks no known image uses, beyond --cache-max-bytes of them.
+
+        The budget covers unused chunks only: counting the ones in use too would
+        wipe the whole cache whenever the assigned images alone exceed it."""
+        kept = deleted = 0
+        for d in self.store.digests():
+            info = self.store.info(d)
+            if info is None or d in self.catalog.users:
+                continue
+            if kept + info.stored_size <= self.cfg.cache_max_bytes:
+                kept += info.stored_size
+                continue
             await self.store.delete(d)
             deleted += 1
         return deleted

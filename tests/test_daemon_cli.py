@@ -1,5 +1,6 @@
 """`distd run` configuration: every flag from `DISTD_<FLAG>`, one strict boolean reading
-of the environment, and values refused before the daemon starts.
+of the environment, values refused before the daemon starts; and what the
+--cache-max-bytes budget keeps, driven on a real Daemon and ChunkStore in a tmp dir.
 
 The CLI's own parser is built under a patched environment (the defaults are read from
 it when the parser is built), so nothing here starts a process.
@@ -8,13 +9,17 @@ it when the parser is built), so nothing here starts a process.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from treeutil import build_manifest
 
 from distd import cli
+from distd.daemon import Daemon, DaemonConfig
+from manifests.chunking import encode_chunk
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -124,3 +129,63 @@ def test_negative_or_nan_gc_grace_is_a_usage_error(
 
 def test_zero_gc_grace_is_allowed() -> None:
     assert run_parser().parse_args(["--gc-grace", "0"]).gc_grace == 0.0
+
+
+# -- --cache-max-bytes ------------------------------------------------------------------
+
+CS = 64 << 10  # chunk size: random data, so stored raw at exactly this size
+
+
+async def _put_random(daemon: Daemon, n: int) -> list[str]:
+    """n random chunks no image uses, stored; their digests."""
+    out = []
+    for _ in range(n):
+        raw = os.urandom(CS)
+        enc, payload = encode_chunk(raw)
+        digest = hashlib.sha256(raw).hexdigest()
+        await daemon.store.put(digest, payload, enc, len(raw))
+        out.append(digest)
+    return out
+
+
+def _daemon(data_dir: Path, cache: int) -> Daemon:
+    return Daemon(
+        DaemonConfig(
+            seeder="http://127.0.0.1:1",
+            listen=("127.0.0.1", 0),
+            data_dir=data_dir,
+            node_id="gc",
+            cache_max_bytes=cache,
+        )
+    )
+
+
+async def test_cache_budget_counts_unused_chunks_only_also_at_start(tmp_path: Path) -> None:
+    """In-use chunks (4 x 64 KiB) exceed the 2.5-chunk cache: the cache still keeps
+    two unused chunks, at collection time and when a restarted daemon restores."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(4 * CS))
+    manifest, raw = build_manifest(src, CS)
+    data = tmp_path / "data"
+    cache = 2 * CS + CS // 2
+
+    daemon = _daemon(data, cache)
+    daemon.catalog.add(manifest.digest, manifest)
+    for digest, chunk in raw.items():
+        enc, payload = encode_chunk(chunk)
+        await daemon.store.put(digest, payload, enc, len(chunk))
+    unused = await _put_random(daemon, 3)
+    assert await daemon._collect_garbage() == 1
+    assert all(daemon.store.has(d) for d in raw)  # in use: never collected
+    assert sum(daemon.store.has(d) for d in unused) == 2
+
+    # Left over by a crash, or the budget shrank: the next start collects at once.
+    more = await _put_random(daemon, 2)
+    restarted = _daemon(data, CS)
+    await restarted.restore()
+    assert manifest.digest in restarted.catalog.images
+    assert all(restarted.store.has(d) for d in raw)
+    assert sum(restarted.store.has(d) for d in unused + more) == 1
+    on_disk = {f.name.partition(".")[0] for f in (data / "chunks").glob("*/*")}
+    assert on_disk == set(restarted.store.digests())
