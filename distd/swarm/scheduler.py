@@ -290,7 +290,10 @@ class Scheduler:
                 self._fill(p, wanted & ~p.withheld_bits(now), now, out)
         if self.in_endgame():
             late = self._late(now)
-            for p in usable:
+            # Peers whose last request failed (timed out, reset) hedge last, after a seeder:
+            # else silent neighbours claiming the last chunk, hedged to in turn as their
+            # backoffs end, kept it from the seeder for ever (tests/test_scheduler.py).
+            for p in sorted(usable, key=lambda p: p.failures > 0):
                 if self._free() <= 0:
                     break
                 # Not a chunk the peer deferred: asked again at once, a seeder would answer
