@@ -9,6 +9,7 @@ image is at once announced in, and counted for, every image that shares it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -58,6 +59,7 @@ class Catalog:
         self.store = store
         self.manifest_dir = data_dir / "manifests"
         self.image_dir = data_dir / "images"
+        self.names_file = data_dir / "names.json"
         self.manifest_dir.mkdir(parents=True, exist_ok=True)
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self.images: dict[str, Image] = {}
@@ -78,7 +80,22 @@ class Catalog:
                 f.unlink(missing_ok=True)
                 continue
             self.add(f.name, manifest, persist=False)
+        try:
+            names = json.loads(self.names_file.read_bytes())
+        except (OSError, ValueError):
+            names = {}
+        if isinstance(names, dict):
+            for digest, listed in names.items():
+                image = self.images.get(digest)
+                if image is not None and isinstance(listed, list):
+                    image.names = {str(n) for n in listed}
         return len(self.images)
+
+    def save_names(self) -> None:
+        """Persist each image's names: a node restarted during a switch still knows
+        which ready copy stands in for a moved name, and keeps it until the new one."""
+        names = {d: sorted(i.names) for d, i in self.images.items() if i.names}
+        _write_atomic(self.names_file, json.dumps(names, sort_keys=True).encode())
 
     def path(self, digest: str) -> Path:
         return self.image_dir / digest

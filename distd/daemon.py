@@ -312,10 +312,12 @@ class Daemon:
         if self.assigned is None:
             return  # restored images wait for the first assignment
         now = time.monotonic()
+        changed = False
         for image in self.catalog.images.values():
             names = {n for n, d in self.assigned.items() if d == image.digest}
             if image.state is State.READY and image.remove_at is None:
                 names |= {n for n in image.names if self._switch_pending(n)}
+            changed |= names != image.names
             image.names = names
             if names:
                 image.remove_at = None
@@ -326,6 +328,11 @@ class Daemon:
                     image.digest[:16],
                     self.cfg.gc_grace,
                 )
+        if changed:
+            try:
+                self.catalog.save_names()
+            except OSError as e:
+                log.warning("cannot save image names in %s: %s", self.catalog.names_file, e)
 
     def _switch_pending(self, name: str) -> bool:
         """True if `name` is assigned to a version this node does not hold ready yet."""
