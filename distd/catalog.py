@@ -80,6 +80,8 @@ class Catalog:
                 f.unlink(missing_ok=True)
                 continue
             self.add(f.name, manifest, persist=False)
+        for tmp in self.names_file.parent.glob(self.names_file.name + ".tmp-*"):
+            tmp.unlink(missing_ok=True)  # a names file half-written when the node died
         try:
             names = json.loads(self.names_file.read_bytes())
         except (OSError, ValueError):

@@ -189,3 +189,24 @@ async def test_cache_budget_counts_unused_chunks_only_also_at_start(tmp_path: Pa
     assert sum(restarted.store.has(d) for d in unused + more) == 1
     on_disk = {f.name.partition(".")[0] for f in (data / "chunks").glob("*/*")}
     assert on_disk == set(restarted.store.digests())
+
+
+def test_image_names_survive_a_restart_and_a_half_written_names_file_is_swept(
+    tmp_path: Path,
+) -> None:
+    """Names persist so that a restarted node still knows which ready copy stands in
+    for a name that moved (see test_swarm's moving-name test for the whole switch)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(CS))
+    manifest, _ = build_manifest(src, CS)
+    data = tmp_path / "data"
+    first = _daemon(data, 0)
+    first.catalog.add(manifest.digest, manifest).names = {"team/app:v1", "team/app:stable"}
+    first.catalog.save_names()
+    stale = data / "names.json.tmp-12345"
+    stale.write_bytes(b'{"half')
+    again = _daemon(data, 0)
+    again.catalog.load()
+    assert again.catalog.images[manifest.digest].names == {"team/app:v1", "team/app:stable"}
+    assert not stale.exists()
