@@ -298,6 +298,7 @@ class Sim:
         keys = {(pid, i) for i, reqs in s.pending.items() for pid in reqs}
         assert keys == set(self.live), "the scheduler and the driver disagree on what is out"
         assert s.inflight == len(keys)
+        assert {q for q, _ in keys} <= set(s.peers), "a request still out to a peer that left"
         for pid, p in s.peers.items():
             bound = cfg.per_seeder_inflight if p.is_seeder else cfg.per_peer_inflight
             assert len(p.inflight) <= bound, "over a peer's in-flight bound"
