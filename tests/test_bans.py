@@ -59,3 +59,17 @@ def test_the_ban_for_a_bogus_bitfield_survives_re_following() -> None:
     sched.add_peer("bogus", have=0xFF)
     assert sched.next_requests(now) == []
     assert sched.peers["bogus"].banned_until >= 2.0 + PENALTIES.ban_seconds
+
+
+def test_a_peer_failing_thousands_of_times_in_a_row_never_overflows_its_backoff() -> None:
+    """2.0 ** 1024 overflows a float: at the 1,025th busy answer in a row (some 17 minutes of
+    an always-busy peer) the decision loop used to raise OverflowError."""
+    peer = PeerState("p")
+    rng = random.Random(1)
+    for i in range(2000):
+        now = float(i)
+        peer.record_failure(Failure.BUSY, now, PENALTIES, rng)
+        peer.record_failure(Failure.ERROR, now, PENALTIES, rng)
+        peer.record_failure(Failure.CORRUPT, now, PENALTIES, rng)
+    assert peer.blocked_until <= 2000.0 + 2 * max(PENALTIES.max_backoff, PENALTIES.max_busy_backoff)
+    assert peer.banned_until > 2000.0

@@ -832,6 +832,26 @@ def test_stalled_requests_stop_holding_every_slot() -> None:
     assert sched.inflight == 3 and all(r.deadline > 2.0 for r in first)
 
 
+def test_a_node_whose_requests_all_stalled_wakes_when_a_backoff_ends() -> None:
+    """Stalled requests free their slots, so the end of another peer's backoff is a moment
+    to ask again. next_wakeup used to count them as holding their slots and left backoff
+    ends out: the node slept to the stalled requests' deadline (the lossy-link fault)."""
+    cfg = SchedulerConfig(max_inflight=2, stall_unmeasured=2.0, first_chunks=0)
+    sched = Scheduler([1 << 20] * 4, config=cfg)
+    for name in ("silent1", "silent2", "good"):
+        sched.add_peer(name, have=0b1111)
+    sched.peers["good"].rate = 1.0  # tried after the unmeasured ones
+    first = sched.next_requests(0.0)
+    assert sorted(r.peer_id for r in first) == ["silent1", "silent2"]
+    sched.peer_busy("good", 1.0, 1.8)  # good's slots are taken until after the stall
+    ready = sched.peers["good"].ready_at
+    assert 2.0 < ready < min(r.deadline for r in first)
+    assert sched.next_requests(2.0) == [] and sched.stalled == 2  # both stalled, good held
+    assert sched.next_wakeup(2.0) == ready  # not the deadlines of the stalled requests
+    (more,) = sched.next_requests(ready)
+    assert more.peer_id == "good"
+
+
 def test_a_transfer_gone_silent_is_stalled_after_stall_idle() -> None:
     cfg = SchedulerConfig(max_inflight=1, stall_idle=1.0, stall_unmeasured=30.0)
     sched = Scheduler([1 << 20] * 2, config=cfg)

@@ -122,18 +122,20 @@ class PeerState:
             # Doubling on each busy answer in a row: a thousand nodes told "busy" by an
             # overloaded seeder spread out instead of coming back as one wave.
             self.busy += 1
-            backoff = min(penalties.max_busy_backoff, penalties.busy_backoff * 2 ** (self.busy - 1))
+            backoff = min(
+                penalties.max_busy_backoff, _doubled(penalties.busy_backoff, self.busy - 1)
+            )
             self.hold(blocked_until=now + backoff * jitter)
         elif reason is Failure.DEFERRED:
             return  # the caller records which chunk; the peer itself stays usable
         elif reason is Failure.CORRUPT:
             self.corrupt += 1
-            self.hold(banned_until=now + penalties.ban_seconds * 2 ** (self.corrupt - 1))
+            self.hold(banned_until=now + _doubled(penalties.ban_seconds, self.corrupt - 1))
         elif reason is Failure.MISSING and not self.is_seeder:
             self.corrupt += 1
             if self.corrupt >= penalties.missing_strikes:
                 strikes = self.corrupt - penalties.missing_strikes
-                self.hold(banned_until=now + penalties.ban_seconds * 2**strikes)
+                self.hold(banned_until=now + _doubled(penalties.ban_seconds, strikes))
             else:
                 self._back_off(now, penalties, jitter)
         else:
@@ -141,8 +143,14 @@ class PeerState:
 
     def _back_off(self, now: float, penalties: Penalties, jitter: float) -> None:
         self.failures += 1
-        backoff = penalties.error_backoff * 2 ** (self.failures - 1)
+        backoff = _doubled(penalties.error_backoff, self.failures - 1)
         self.hold(blocked_until=now + min(penalties.max_backoff, backoff) * jitter)
+
+
+def _doubled(base: float, times: int) -> float:
+    """`base` doubled `times` times, the exponent capped: a peer busy or failing a
+    thousand times in a row would otherwise overflow a float (2.0 ** 1024)."""
+    return base * 2.0 ** min(times, 40)
 
 
 def preference(peer: PeerState, my_zone: str) -> tuple[bool, bool, int]:

@@ -341,8 +341,9 @@ class Scheduler:
         for reqs in self.pending.values():  # runs on every wake-up: no generators
             for r in reqs.values():
                 times += (r.deadline, self._stalled_at(r))
-        if self.inflight < self._limit():
-            # Backoffs and deferrals matter only while a request slot is free.
+        if self._free() > 0:
+            # Backoffs and deferrals matter only while a request slot is free; a stalled
+            # request frees its slot, so the node must wake for them then too.
             missing = self.missing
             if self.in_endgame():
                 limit = self.config.endgame_duplicates
