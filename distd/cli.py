@@ -36,7 +36,7 @@ from manifests.chunking import ChunkError
 from manifests.client import SeederClient, SeederError, client_ssl_context
 from manifests.model import Kind, ManifestError
 from manifests.progress import Progress
-from manifests.units import format_size, parse_rate, parse_size
+from manifests.units import EnvError, env_bool, format_size, parse_rate, parse_size
 
 Command = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
@@ -44,30 +44,6 @@ Command = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 def default_data_dir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "p2pdist"
-
-
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off", "")
-
-
-class EnvError(ValueError):
-    """A DISTD_* variable that cannot be read; one line that names it."""
-
-
-def env_bool(var: str) -> bool:
-    """The boolean environment variable `var` (unset: False), case-insensitively; anything
-    but 1/true/yes/on or 0/false/no/off/"" is refused rather than guessed at, so that
-    DISTD_NO_P2P=off cannot turn p2p off."""
-    value = os.environ.get(var, "")
-    word = value.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise EnvError(
-        f"{var}={value!r} is not a boolean: use one of {'/'.join(TRUE_WORDS)} "
-        f"or {'/'.join(w for w in FALSE_WORDS if w)}"
-    )
 
 
 def _grace_seconds(text: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from decimal import Decimal
 
@@ -71,3 +72,27 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+class EnvError(ValueError):
+    """An environment variable that cannot be read; one line that names it."""
+
+
+def env_bool(var: str) -> bool:
+    """The boolean environment variable `var` (unset: False), case-insensitively; anything
+    but 1/true/yes/on or 0/false/no/off/"" is refused rather than guessed at, so that
+    DISTD_NO_P2P=off cannot turn p2p off. Read once, when a CLI builds its parser."""
+    value = os.environ.get(var, "")
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise EnvError(
+        f"{var}={value!r} is not a boolean: use one of {'/'.join(TRUE_WORDS)} "
+        f"or {'/'.join(w for w in FALSE_WORDS if w)}"
+    )

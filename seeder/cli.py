@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distd.httpserver import install_uvloop, serve, server_ssl_context
 from manifests import wire
-from manifests.units import parse_rate
+from manifests.units import EnvError, env_bool, parse_rate
 from seeder.app import DEFAULT_UPLOAD_SLOTS, make_app
 
 log = logging.getLogger("seeder")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-superseed",
         action="store_true",
-        default=env("SEEDER_NO_SUPERSEED") not in (None, "", "0", "false"),
+        default=env_bool("SEEDER_NO_SUPERSEED"),
         help="serve every chunk request, even for chunks just handed out to another node"
         " (env SEEDER_NO_SUPERSEED)",
     )
@@ -181,7 +181,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except EnvError as e:
+        print(f"seeder: {e}", file=sys.stderr, flush=True)
+        return 2
     # argparse runs `type` on string defaults too, so values from the environment are checked.
     args = parser.parse_args(argv)
     if args.listen is None:

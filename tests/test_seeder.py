@@ -510,6 +510,32 @@ def test_cli_usage_and_startup_errors(seeder: SeederProcess, tmp_path: Path) -> 
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", True), ("Yes", True), ("ON", True), ("off", False), ("no", False)]
+)
+def test_boolean_env_values_mean_what_they_say(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    """SEEDER_NO_SUPERSEED=off used to turn super-seeding off: only "", 0 and false were false."""
+    from seeder.cli import build_parser
+
+    monkeypatch.setenv("SEEDER_NO_SUPERSEED", value)
+    assert build_parser().parse_args(["run"]).no_superseed is expected
+
+
+def test_a_boolean_env_value_that_is_no_boolean_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDER_")}
+    env["SEEDER_NO_SUPERSEED"] = "maybe"
+    proc = subprocess.run(
+        [sys.executable, "-m", "seeder.cli", "run"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "seeder: SEEDER_NO_SUPERSEED='maybe' is not a boolean: use one of 1/true/yes/on"
+        " or 0/false/no/off"
+    ]
+
+
 def test_cli_takes_every_flag_from_the_environment(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDER_")}
     env |= {
