@@ -25,7 +25,13 @@ from distd import materialize
 from distd.catalog import Catalog, Image, State
 from distd.chunk_client import ChunkClient
 from distd.engine import EngineContext, SwarmDownload, peer_session
-from distd.httpserver import advertised_address, middlewares, respond, serve
+from distd.httpserver import (
+    advertised_address,
+    middlewares,
+    open_listener_warning,
+    respond,
+    serve,
+)
 from distd.metrics import CONTENT_TYPE, Metrics
 from distd.peer_server import ChunkServer, HaveHub, add_peer_routes
 from distd.ratelimit import TokenBucket
@@ -194,6 +200,8 @@ class Daemon:
                 bound_port,
                 "required" if self.cfg.cluster_token else "off",
             )
+            if warning := open_listener_warning(host, self.cfg.cluster_token):
+                log.warning("%s", warning)
             ready.set()
 
         async with peer_session(self.cfg.client_ssl) as session:

@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -178,6 +179,23 @@ def middlewares(cluster_token: str | None, *, push_token: str | None = None) -> 
     if cluster_token:
         chain.append(cluster_auth(cluster_token, push_token=push_token))
     return chain
+
+
+def open_listener_warning(host: str, cluster_token: str | None) -> str | None:
+    """What to warn when a listener that others can reach takes no cluster token: without
+    one, anyone who reaches it reads every chunk (and on a seeder every manifest). A
+    loopback listener (tests, the demo, a node behind a local proxy) is left quiet."""
+    if cluster_token:
+        return None
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may well be reachable
+    return (
+        f"no cluster token: anyone who can reach {host} can read every chunk and manifest;"
+        " set --cluster-token (or its environment variable) on every member of the fleet"
+    )
 
 
 def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:

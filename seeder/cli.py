@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distd.httpserver import install_uvloop, serve, server_ssl_context
+from distd.httpserver import install_uvloop, open_listener_warning, serve, server_ssl_context
 from manifests import wire
 from manifests.units import EnvError, env_bool, parse_rate
 from seeder.app import DEFAULT_UPLOAD_SLOTS, make_app
@@ -165,6 +165,8 @@ def _run(args: argparse.Namespace) -> int:
             f"{rate} B/s" if rate else "none",
             "required" if args.cluster_token else "off",
         )
+        if warning := open_listener_warning(host, args.cluster_token):
+            log.warning("%s", warning)
         print(f"seeder listening on {url}", flush=True)
 
     install_uvloop()

@@ -621,3 +621,29 @@ def test_bad_tls_files_are_one_line_errors(env: Env, tmp_path: Path) -> None:
         assert ok(line), line
     with contextlib.suppress(FileNotFoundError):
         junk.unlink()
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "warned"),
+    [
+        ("0.0.0.0", None, True),
+        ("10.1.2.3", None, True),
+        ("node7.example", None, True),
+        ("0.0.0.0", "a-cluster-token-of-16+", False),
+        ("127.0.0.1", None, False),
+        ("127.3.4.5", None, False),
+        ("::1", None, False),
+        ("localhost", None, False),
+    ],
+)
+def test_a_reachable_listener_without_a_cluster_token_is_warned_about(
+    host: str, token: str | None, warned: bool
+) -> None:
+    """The token stays optional (loopback tests, the demo), but a listener others can reach
+    without one says so in the log at start."""
+    from distd.httpserver import open_listener_warning
+
+    warning = open_listener_warning(host, token)
+    assert (warning is not None) is warned
+    if warning:
+        assert host in warning and "--cluster-token" in warning and "\n" not in warning
