@@ -154,6 +154,13 @@ def test_six_capped_nodes_get_identical_trees_mostly_from_peers(fleet: Fleet) ->
 
 def test_node_outside_the_selector_gets_nothing(fleet: Fleet) -> None:
     c = fleet.cluster
+
+    async def registered() -> dict[str, str]:
+        async with SeederClient(c.seeder_url, token=c.token) as client:
+            return {n["id"]: n["labels"] for n in await client.nodes()}
+
+    # It did register, with its labels: it got nothing because they do not match.
+    assert asyncio.run(registered())[fleet.outsider.node_id] == "role=batch"
     assert c.status(fleet.outsider)["images"] == []
     assert stored(fleet.outsider) == {}
     assert list((fleet.outsider.data_dir / "images").iterdir()) == []
