@@ -33,7 +33,7 @@ from distd.ratelimit import TokenBucket
 from distd.store import ChunkStore
 from distd.swarm.superseed import SuperSeeder
 from manifests import wire
-from manifests.chunking import ChunkError
+from manifests.chunking import ChunkError, sha256_hex
 from manifests.model import Encoding
 from manifests.validate import MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES, decode_manifest
 from seeder.registry import Registry, UnknownManifest
@@ -267,7 +267,7 @@ async def put_manifest(request: web.Request) -> web.Response:
     digest = _digest_param(request)
     data = await read_body(request, MAX_MANIFEST_BYTES)
     s.counters.bytes_received += len(data)
-    actual = hashlib.sha256(data).hexdigest()
+    actual = await asyncio.to_thread(sha256_hex, data)  # up to 256 MiB: not on the loop
     if actual != digest:
         raise ApiError(422, f"manifest body has SHA-256 {actual}, not the {digest} in the URL")
     if await s.db(s.registry.has_manifest, digest):
