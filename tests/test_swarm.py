@@ -454,8 +454,14 @@ def test_new_version_fetches_changed_chunks_and_unassign_removes_everything() ->
 # -- --no-p2p: the central-distributor baseline ---------------------------------------------
 
 
+# An assignment reaches a node within seconds: the seeder wakes the long poll (which would
+# otherwise end only after its 20 s wait). Generous for a loaded machine; ms in practice.
+NOTICE_WITHIN = 5.0
+
+
 def test_no_p2p_fleet_takes_every_byte_from_the_seeder() -> None:
-    """`--no-p2p` (the bench's baseline) pulls from the seeder alone and serves nobody."""
+    """`--no-p2p` (the bench's baseline) pulls from the seeder alone and serves nobody; and
+    an assignment reaches the nodes within seconds."""
     name = "swarm/central:v1"
     with (
         scratch("central") as work,
@@ -463,7 +469,13 @@ def test_no_p2p_fleet_takes_every_byte_from_the_seeder() -> None:
     ):
         tree = make_random_tree(work / "tree", 8 * MIB, files=2, seed=8)
         pushed, manifest = push(cluster, tree.root, name, MIB)
+        time.sleep(0.5)  # both daemons are now parked in their assignment long poll
         t0 = cluster.assign(name)
+        wait_for(
+            "every node to see its new assignment",
+            lambda: all(row(cluster, n, name) for n in cluster.nodes),
+            timeout=NOTICE_WITHIN,
+        )
         cluster.wait_ready(name, since=t0, timeout=GENEROUS, digest=pushed.digest)
         assert_identical(cluster, cluster.nodes, name, tree)
         for node_id, m in cluster.scrape().items():
