@@ -367,18 +367,22 @@ def honest_holdings(sim: Sim) -> int:
 # --- static swarms: the peers known from the start, none joining or leaving --------------
 
 
+def draw_peer(draw: st.DrawFn, k: int, full: int, present: bool = True) -> FakePeer:
+    """Peer `pk` with a drawn behaviour, chunks and zone; a liar advertises every chunk."""
+    behaviour = draw(st.sampled_from(BEHAVIOURS))
+    has = draw(st.integers(0, full))
+    advertised = full if behaviour == "liar" else has
+    zone = draw(st.sampled_from("ab"))
+    return FakePeer(f"p{k}", behaviour, has, advertised, zone=zone, present=present)
+
+
 @st.composite
 def swarms(draw: st.DrawFn) -> tuple[int, list[FakePeer], int]:
     n = draw(st.integers(1, 40))
     full = bitfield.full(n)
     peers: list[FakePeer] = []
     for k in range(draw(st.integers(1, 7))):
-        behaviour = draw(st.sampled_from(BEHAVIOURS))
-        has = draw(st.integers(0, full))
-        advertised = full if behaviour == "liar" else has
-        peers.append(
-            FakePeer(f"p{k}", behaviour, has, advertised, zone=draw(st.sampled_from("ab")))
-        )
+        peers.append(draw_peer(draw, k, full))
     honest = 0
     for p in peers:
         if p.behaviour in ("good", "slow", "flaky"):
@@ -444,18 +448,7 @@ def scenarios(draw: st.DrawFn) -> tuple[int, int, list[FakePeer], list[tuple[flo
     full = bitfield.full(n)
     peers: list[FakePeer] = []
     for k in range(draw(st.integers(0, 5))):
-        behaviour = draw(st.sampled_from(BEHAVIOURS))
-        has = draw(st.integers(0, full))
-        peers.append(
-            FakePeer(
-                f"p{k}",
-                behaviour,
-                has,
-                full if behaviour == "liar" else has,
-                zone=draw(st.sampled_from("ab")),
-                present=draw(st.booleans()),
-            )
-        )
+        peers.append(draw_peer(draw, k, full, present=draw(st.booleans())))
     seeder = draw(st.sampled_from(["none", "present", "joins later"]))
     if seeder != "none":
         peers.append(FakePeer("seeder", "good", full, full, True, present=seeder == "present"))
